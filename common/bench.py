@@ -1,0 +1,222 @@
+"""Meta-step benchmarks: methods side by side, time interleaved in one process, memory each alone.
+
+Each experiment registers its benchmark in ``<experiment>/bench.py``::
+
+    from common.bench import register_benchmark
+
+    @register_benchmark("rotation", methods=("evograd", "second_order"), reference="second_order",
+                        configs=({"width": 1}, {"width": 2}), quick_configs=({"width": 1, "batch": 8},))
+    def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:
+        ...build model and data once...
+        return one_meta_step          # a closure that runs one meta-iteration
+
+``python -m common.bench`` finds every ``<folder>/bench.py`` beside ``common/`` (by file, so
+``common`` imports no experiment by name) and, per benchmark and config:
+
+* time: builds every method's step, warms each up, then runs ``--reps`` rounds in which every
+  method takes one step (rotating the order), so drifts in machine speed hit all methods alike;
+* memory: runs each method in its own fresh process (``--memory-worker``), peak measured by
+  ``common.profiling.EfficiencyMeter`` (CUDA max allocated, or CPU peak RSS above the level
+  before the measured steps);
+
+and prints a Markdown table with ratios to the reference method (usually the second-order one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.profiling import EfficiencyMeter, peak_rss_mb
+from common.results import atomic_write_json, env_info
+from common.runtime import CLIError, run_cli, select_device
+
+StepFactory = Callable[[str, dict, torch.device], Callable[[], None]]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    make_step: StepFactory
+    methods: tuple[str, ...]
+    reference: str
+    configs: tuple[dict, ...] = ({},)
+    quick_configs: tuple[dict, ...] = field(default=())
+    description: str = ""
+
+
+REGISTRY: dict[str, Benchmark] = {}
+
+
+def register_benchmark(name: str, *, methods: Sequence[str], reference: str,
+                       configs: Sequence[dict] = ({},), quick_configs: Sequence[dict] = (),
+                       description: str = "") -> Callable[[StepFactory], StepFactory]:
+    """Decorator registering ``make_step(method, config, device) -> step()`` under ``name``."""
+    if reference not in methods:
+        raise ValueError(f"reference method {reference!r} is not among {list(methods)}")
+
+    def decorate(make_step: StepFactory) -> StepFactory:
+        REGISTRY[name] = Benchmark(name, make_step, tuple(methods), reference, tuple(configs),
+                                   tuple(quick_configs) or tuple(configs), description)
+        return make_step
+    return decorate
+
+
+def discover() -> dict[str, Benchmark]:
+    """Import every ``<folder>/bench.py`` beside ``common/`` so that it registers itself."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    for bench_file in sorted(REPO_ROOT.glob("*/bench.py")):
+        if bench_file.parent.name != "common":
+            importlib.import_module(f"{bench_file.parent.name}.bench")
+    return REGISTRY
+
+
+def time_methods(bench: Benchmark, config: dict, methods: Sequence[str], device: torch.device,
+                 warmup: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step of each method, interleaved: every round runs every method once."""
+    steps = {m: bench.make_step(m, config, device) for m in methods}
+    for m in methods:
+        for _ in range(warmup):
+            steps[m]()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(reps):
+        order = list(methods[r % len(methods):]) + list(methods[: r % len(methods)])
+        for m in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            steps[m]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def memory_worker(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run in a fresh process: peak memory of ``steps`` meta steps of one method."""
+    bench = discover()[name]
+    step = bench.make_step(method, config, device)
+    meter = EfficiencyMeter(device, warmup=warmup)
+    for _ in range(warmup + steps):
+        with meter.step():
+            step()
+    total = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb())
+    return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total}
+
+
+def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int) -> dict:
+    """Peak memory of one method, measured in its own process."""
+    cmd = [sys.executable, "-m", "common.bench", "--memory-worker", name, json.dumps(config), method,
+           "--device", device.type, "--warmup", str(warmup), "--reps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"peak_mem_mb": None, "peak_total_mb": None, "error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def format_table(rows: list[dict], reference: str) -> str:
+    """Markdown table of one benchmark config, ratios to ``reference``."""
+    ref = next((r for r in rows if r["method"] == reference), None)
+    lines = ["| method | s / meta-step | time ratio | peak MB (above start) | memory ratio | peak MB (process total) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        t_ratio = r["time_s"] / ref["time_s"] if ref and ref["time_s"] else None
+        m_ratio = (r["peak_mem_mb"] / ref["peak_mem_mb"]
+                   if ref and r.get("peak_mem_mb") is not None and ref.get("peak_mem_mb") else None)
+        lines.append(f"| {r['method']} | {r['time_s']:.4g} ± {r['time_std_s']:.2g} | {_fmt(t_ratio)} | "
+                     f"{_fmt(r.get('peak_mem_mb'), 4)} | {_fmt(m_ratio)} | {_fmt(r.get('peak_total_mb'), 4)} |")
+    return "\n".join(lines)
+
+
+def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[str], device: torch.device,
+                  warmup: int, reps: int, memory: bool, mem_steps: int) -> list[dict]:
+    """Time (and optionally memory) of ``methods`` for each config; prints a table per config."""
+    results = []
+    for config in configs:
+        times = time_methods(bench, config, methods, device, warmup, reps)
+        rows = []
+        for m in methods:
+            row = {"benchmark": bench.name, "config": config, "method": m,
+                   "time_s": statistics.mean(times[m]),
+                   "time_std_s": statistics.stdev(times[m]) if len(times[m]) > 1 else 0.0,
+                   "reps": reps, "device": str(device)}
+            if memory:
+                row.update(measure_memory(bench.name, config, m, device, warmup, mem_steps))
+            rows.append(row)
+        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, {reps} interleaved reps, "
+              f"ratios to {bench.reference})\n")
+        print(format_table(rows, bench.reference), flush=True)
+        results.extend(rows)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all registered)")
+    parser.add_argument("--list", action="store_true", help="list registered benchmarks and exit")
+    parser.add_argument("--methods", nargs="+", help="subset of methods (default: the benchmark's)")
+    parser.add_argument("--quick", action="store_true", help="the benchmarks' small configs")
+    parser.add_argument("--config", type=int, nargs="+", help="indices of configs to run (default: all)")
+    parser.add_argument("--reps", type=int, default=10, help="interleaved timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--mem-steps", type=int, default=3, help="measured steps in each memory process")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", help="write all rows to this JSON file")
+    parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or args.mem_steps < 1:
+        raise CLIError("--reps and --mem-steps must be >= 1 and --warmup >= 0")
+    device = select_device(args.device)
+
+    if args.memory_worker:
+        name, config, method = args.memory_worker
+        print(json.dumps(memory_worker(name, json.loads(config), method, device, args.warmup, args.reps)))
+        return
+
+    registry = discover()
+    if args.list:
+        for b in registry.values():
+            print(f"{b.name}: methods {', '.join(b.methods)} (reference {b.reference}); "
+                  f"{len(b.configs)} configs. {b.description}")
+        return
+    unknown = [n for n in args.names if n not in registry]
+    if unknown:
+        raise CLIError(f"unknown benchmark(s) {unknown}; registered: {sorted(registry)}")
+    all_rows = []
+    for name in args.names or sorted(registry):
+        bench = registry[name]
+        methods = args.methods or bench.methods
+        bad = [m for m in methods if m not in bench.methods]
+        if bad:
+            raise CLIError(f"benchmark {name} has no method(s) {bad}; it has {list(bench.methods)}")
+        configs = bench.quick_configs if args.quick else bench.configs
+        if args.config:
+            if any(i < 0 or i >= len(configs) for i in args.config):
+                raise CLIError(f"--config indices must be in 0..{len(configs) - 1} for {name}")
+            configs = [configs[i] for i in args.config]
+        all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
+                                  not args.no_memory, args.mem_steps)
+    if args.out:
+        atomic_write_json(args.out, {"rows": all_rows, "env": env_info(), "argv": list(argv or sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,339 @@
+"""EvoGrad hypergradients (Bohdal, Yang, Hospedales, NeurIPS 2021, arXiv 2106.10575).
+
+A meta-learning problem has base-model parameters θ, trained on a training loss L_train(θ, λ),
+and hyperparameters λ, trained on a validation loss L_val(θ). One EvoGrad meta step is
+
+    ε_k ~ σ·sign(N(0, I))  (or σ·N(0, I)),     θ_k = θ + ε_k,             k = 1..K
+    ℓ_k = L_train(θ_k, λ),                      w = softmax(−ℓ / τ)
+    θ*  = Σ_k w_k θ_k = θ + Σ_k w_k ε_k,        ∂L_val(θ*)/∂λ  via  w(λ)
+
+θ is treated as a constant: the hypergradient flows through the K scalar losses ℓ_k only, so
+there are no second-order derivatives and no graph of an inner update.
+
+Public entry points:
+    evograd_meta_loss            the plain path: returns L_val(θ*), call ``.backward()`` on it.
+    evograd_hypergrad_low_memory the same hypergradient, one candidate graph alive at a time.
+    candidate_weights            softmax(−ℓ/τ) over candidates (dim 0), for vectorised problems.
+    perturbable_params / functional_forward   nn.Module helpers built on torch.func.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Params], Tensor]
+NOISE_KINDS = ("sign", "gaussian")
+
+
+class EvoGradOutput(NamedTuple):
+    """Result of one EvoGrad step.
+
+    Attributes:
+        val_loss: L_val(θ*). Differentiable w.r.t. λ for ``evograd_meta_loss``; detached for the
+            low-memory path (whose hypergradients are already in ``.grad``).
+        candidate_losses: ℓ_k, shape [K], detached.
+        weights: w = softmax(−ℓ/τ), shape [K], detached.
+    """
+
+    val_loss: Tensor
+    candidate_losses: Tensor
+    weights: Tensor
+
+
+def candidate_weights(losses: Tensor, temperature: float) -> Tensor:
+    """Softmax weights of candidates, w_k = exp(−ℓ_k/τ) / Σ_j exp(−ℓ_j/τ), over dim 0.
+
+    Args:
+        losses: candidate losses, shape [K, ...]; trailing dims index independent problems.
+        temperature: τ > 0.
+
+    Returns:
+        Weights of the same shape as ``losses``, summing to one over dim 0.
+    """
+    _check_positive("temperature", temperature)
+    return torch.softmax(-losses / temperature, dim=0)
+
+
+class CandidateNoise:
+    """Perturbations ε_k regenerated on demand from one integer seed per candidate.
+
+    Storing K seeds instead of K noise tensors is what keeps EvoGrad's memory at one parameter
+    copy: ε_k is drawn again whenever it is needed (merge forward, merge backward).
+    """
+
+    def __init__(self, seeds: Sequence[int], sigma: float, kind: str) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.sigma = float(sigma)
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def sample(self, k: int, like: Iterable[Tensor]) -> list[Tensor]:
+        """ε_k for every tensor in ``like`` (same shapes, dtypes, devices, order)."""
+        generators: dict[torch.device, torch.Generator] = {}
+        out = []
+        for ref in like:
+            gen = generators.get(ref.device)
+            if gen is None:
+                gen = torch.Generator(device=ref.device).manual_seed(self.seeds[k])
+                generators[ref.device] = gen
+            eps = torch.randn(ref.shape, generator=gen, device=ref.device, dtype=ref.dtype)
+            if self.kind == "sign":
+                eps.sign_()
+            out.append(eps.mul_(self.sigma))
+        return out
+
+
+class _MergeCandidates(torch.autograd.Function):
+    """θ* = θ + Σ_k w_k ε_k with ∂θ*/∂w_k = ε_k, regenerating ε_k in backward (no K copies saved)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, noise: CandidateNoise, *base: Tensor):  # type: ignore[override]
+        ctx.noise = noise
+        ctx.weight_dtype = weights.dtype
+        ctx.shapes = [(b.shape, b.dtype, b.device) for b in base]
+        merged = [b.detach().clone() for b in base]
+        for k in range(len(noise)):
+            for m, eps in zip(merged, noise.sample(k, merged)):
+                m.add_(eps.mul_(weights[k].to(m.dtype)))
+        return tuple(merged)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        refs = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
+        # ∂L/∂w_k = Σ_params <∂L/∂θ*, ε_k>
+        dw = torch.stack([
+            sum((g.to(torch.float64) * e).sum() for g, e in zip(grads, ctx.noise.sample(k, refs)))
+            for k in range(len(ctx.noise))
+        ]).to(ctx.weight_dtype)
+        return (dw, None) + (None,) * len(refs)
+
+
+def merge_candidates(params: Mapping[str, Tensor], weights: Tensor, noise: CandidateNoise) -> Params:
+    """θ* = θ + Σ_k w_k ε_k, differentiable w.r.t. ``weights`` only.
+
+    Args:
+        params: θ, a dict of tensors (treated as constants).
+        weights: w, shape [K].
+        noise: the K perturbations, as seeds.
+
+    Returns:
+        θ* as a dict with the keys of ``params``.
+    """
+    merged = _MergeCandidates.apply(weights, noise, *params.values())
+    return dict(zip(params.keys(), merged))
+
+
+def evograd_meta_loss(
+    params: Mapping[str, Tensor],
+    train_loss_fn: LossFn,
+    val_loss_fn: LossFn,
+    n_candidates: int = 2,
+    sigma: float = 1e-3,
+    temperature: float = 0.05,
+    noise: str = "sign",
+    generator: torch.Generator | None = None,
+    return_diagnostics: bool = False,
+) -> Tensor | EvoGradOutput:
+    """Validation loss at the EvoGrad-merged parameters, differentiable w.r.t. hyperparameters.
+
+    Computes ℓ_k = L_train(θ + ε_k), w = softmax(−ℓ/τ), θ* = θ + Σ_k w_k ε_k and returns
+    L_val(θ*). Calling ``.backward()`` on it puts ∂L_val(θ*)/∂λ into the ``.grad`` of every
+    tensor that ``train_loss_fn`` depends on and that requires grad; θ receives nothing (it is
+    detached inside).
+
+    Memory: at any time one perturbed copy θ_k is built; ε_k is regenerated from a per-candidate
+    seed when merging and again in the backward pass, so no K parameter copies are kept. What
+    stays alive until ``backward()`` is θ*, the validation graph, and the K training-loss graphs
+    (small when λ acts on the loss, e.g. Meta-Weight-Net; up to K network graphs when λ acts on
+    the input or inside the network: use ``evograd_hypergrad_low_memory`` then).
+
+    Args:
+        params: θ, dict of tensors. Detached inside.
+        train_loss_fn: maps a parameter dict to the scalar training loss (depends on λ).
+        val_loss_fn: maps a parameter dict to the scalar validation loss.
+        n_candidates: K ≥ 2.
+        sigma: σ > 0, perturbation scale.
+        temperature: τ > 0, softmax temperature.
+        noise: "sign" for σ·sign(N(0,1)) (the network experiments) or "gaussian" for σ·N(0,1).
+        generator: optional torch.Generator; the K noise seeds are drawn from it (else from the
+            global RNG), so a seeded generator makes the step reproducible.
+        return_diagnostics: if True return an ``EvoGradOutput`` with the candidate losses and
+            weights as well.
+
+    Returns:
+        L_val(θ*) (a scalar tensor), or an ``EvoGradOutput`` if ``return_diagnostics``.
+
+    Raises:
+        ValueError: on K < 2, σ ≤ 0, τ ≤ 0, unknown noise, empty params, or a non-scalar or
+            non-finite loss.
+    """
+    base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator)
+    losses = []
+    for k in range(n_candidates):
+        candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
+        losses.append(_check_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})"))
+        del candidate
+    losses_t = torch.stack(losses)
+    if not losses_t.requires_grad:
+        raise ValueError(
+            "train_loss_fn does not depend on any tensor that requires grad, so no hyperparameter "
+            "would receive a hypergradient")
+    weights = candidate_weights(losses_t, temperature)
+    val_loss = _check_loss(val_loss_fn(merge_candidates(base, weights, noise_spec)), "val_loss_fn")
+    if return_diagnostics:
+        return EvoGradOutput(val_loss, losses_t.detach(), weights.detach())
+    return val_loss
+
+
+def evograd_hypergrad_low_memory(
+    params: Mapping[str, Tensor],
+    hyperparams: Sequence[Tensor],
+    train_loss_fn: LossFn,
+    val_loss_fn: LossFn,
+    n_candidates: int = 2,
+    sigma: float = 1e-3,
+    temperature: float = 0.05,
+    noise: str = "sign",
+    generator: torch.Generator | None = None,
+) -> EvoGradOutput:
+    """EvoGrad hypergradient with one candidate graph alive at a time; accumulates into ``.grad``.
+
+    Same value as ``evograd_meta_loss(...).backward()`` (same seeds, same noise), computed as
+
+        g_k = ∂ℓ_k/∂λ                      (one candidate at a time, graph freed after)
+        a_k = ∂L_val/∂w_k = <∇_θ* L_val, ε_k>
+        ∂L_val/∂ℓ_k = −(w_k/τ)(a_k − Σ_j w_j a_j)          (softmax(−ℓ/τ) Jacobian)
+        ∂L_val/∂λ = Σ_k (∂L_val/∂ℓ_k) g_k  (+ any direct dependence of L_val on λ)
+
+    Peak memory is one training graph (or the validation graph), whatever K is. Meant for λ that
+    act on the input or inside the network (rotation angle, feature-wise transformations).
+
+    Args:
+        params: θ, dict of tensors. Detached inside.
+        hyperparams: the λ tensors to receive gradients (``requires_grad=True``).
+        train_loss_fn, val_loss_fn, n_candidates, sigma, temperature, noise, generator: as in
+            ``evograd_meta_loss``.
+
+    Returns:
+        ``EvoGradOutput`` with the detached validation loss, candidate losses and weights.
+
+    Raises:
+        ValueError: as ``evograd_meta_loss``, or if ``hyperparams`` is empty or holds a tensor
+            that does not require grad.
+    """
+    hyperparams = list(hyperparams)
+    if not hyperparams:
+        raise ValueError("hyperparams is empty: pass the tensors that should receive hypergradients")
+    if not all(h.requires_grad for h in hyperparams):
+        raise ValueError("every tensor in hyperparams must have requires_grad=True")
+    base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator)
+
+    losses, loss_grads = [], []  # loss_grads[k][i] = ∂ℓ_k/∂λ_i
+    for k in range(n_candidates):
+        candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
+        loss = _check_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
+        del candidate
+        grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
+        losses.append(loss.detach())
+        loss_grads.append([torch.zeros_like(h) if g is None else g for g, h in zip(grads, hyperparams)])
+        del loss, grads
+    losses_t = torch.stack(losses)
+    weights = candidate_weights(losses_t, temperature)
+
+    with torch.no_grad():
+        merged = merge_candidates(base, weights, noise_spec)
+    merged = {n: m.requires_grad_() for n, m in merged.items()}
+    val_loss = _check_loss(val_loss_fn(merged), "val_loss_fn")
+    grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
+    grad_merged, grad_direct = grads[: len(merged)], grads[len(merged):]
+
+    with torch.no_grad():
+        grad_merged = [torch.zeros_like(m) if g is None else g for g, m in zip(grad_merged, merged.values())]
+        dl_dw = torch.stack([
+            sum((g.to(torch.float64) * e).sum() for g, e in zip(grad_merged, noise_spec.sample(k, grad_merged)))
+            for k in range(n_candidates)
+        ]).to(weights.dtype)
+        dl_dloss = -(weights / temperature) * (dl_dw - (weights * dl_dw).sum())
+        for i, h in enumerate(hyperparams):
+            total = sum(dl_dloss[k] * loss_grads[k][i] for k in range(n_candidates))
+            if grad_direct[i] is not None:
+                total = total + grad_direct[i]
+            h.grad = total.detach().clone() if h.grad is None else h.grad + total
+    return EvoGradOutput(val_loss.detach(), losses_t, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.Module helpers (torch.func)
+# ---------------------------------------------------------------------------------------------
+
+def perturbable_params(module: nn.Module, include: Callable[[str], bool] | None = None) -> Params:
+    """θ of a module as a dict of detached tensors, optionally filtered by name.
+
+    Args:
+        module: the base model.
+        include: ``include(name) -> bool`` picks the parameters that form θ (e.g. only the
+            classifier head, or everything but feature-wise-transformation parameters). The
+            parameters left out keep their live values in ``functional_forward``.
+
+    Returns:
+        ``{name: parameter.detach()}`` in the module's parameter order.
+
+    Raises:
+        ValueError: if the filter leaves no parameter.
+    """
+    params = {n: p.detach() for n, p in module.named_parameters() if include is None or include(n)}
+    if not params:
+        raise ValueError("no parameter of the module passed the include filter")
+    return params
+
+
+def functional_forward(module: nn.Module, params: Mapping[str, Tensor], *args, **kwargs):
+    """``module(*args, **kwargs)`` with the tensors in ``params`` in place of its parameters.
+
+    Names missing from ``params`` use the module's own parameters. Buffers are cloned for the
+    call, so BatchNorm in training mode normalises with batch statistics as usual but its running
+    statistics (and ``num_batches_tracked``) are left unchanged by candidate, virtual-step and
+    validation passes.
+    """
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _prepare(params, n_candidates, sigma, temperature, noise, generator):
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 2:
+        raise ValueError(f"n_candidates (K) must be an integer >= 2, got {n_candidates!r}")
+    _check_positive("sigma", sigma)
+    _check_positive("temperature", temperature)
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    if not isinstance(params, Mapping) or len(params) == 0:
+        raise ValueError("params must be a non-empty dict of tensors")
+    base = {n: p.detach() for n, p in params.items()}
+    device = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(0, 2**62, (n_candidates,), generator=generator, device=device).tolist()
+    return base, CandidateNoise(seeds, sigma, noise)
+
+
+def _check_loss(loss: Tensor, what: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{what} must return a scalar tensor, got {shape}")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"{what} returned a non-finite loss ({loss.item()})")
+    return loss.reshape(())

@@ -1,0 +1,106 @@
+"""Command-line plumbing shared by every experiment: common flags, seeding, devices, errors.
+
+Every experiment's CLI calls ``add_common_args`` and runs its ``main`` through ``run_cli``, so
+bad input ends with one clear line on stderr and exit status 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class CLIError(Exception):
+    """A user-facing error: bad argument, missing or corrupt data, non-finite loss."""
+
+
+class DataError(CLIError):
+    """Missing or corrupt data files; the message says where to put them and how to get them."""
+
+
+class NonFiniteLossError(CLIError):
+    """A loss became NaN/inf; the message names the step."""
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int] = (1,),
+                    default_out: str = "results") -> argparse.ArgumentParser:
+    """Add the flags every experiment CLI has (DEVELOPERS.md): --quick, --device, --seed(s), ..."""
+    parser.add_argument("--quick", action="store_true", help="small run on the embedded default data")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto picks cuda when available")
+    parser.add_argument("--seed", type=int, default=None, help="run this one seed (overrides --seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(default_seeds),
+                        help="seeds to run one after another")
+    parser.add_argument("--data-root", default=None,
+                        help="folder with the dataset files; default: the embedded offline data")
+    parser.add_argument("--out", default=default_out, help="folder for results JSON files and figures")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    return parser
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """The seeds to run: ``--seed`` if given, else ``--seeds``."""
+    return [args.seed] if args.seed is not None else list(args.seeds)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator seeded with ``seed`` for EvoGrad noise."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a CLIError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def progress(iterable: Iterable, **kwargs) -> Iterable:
+    """A tqdm bar on stderr; hidden when stderr is not a terminal or EVOGRAD_NO_PROGRESS is set."""
+    disable = bool(os.environ.get("EVOGRAD_NO_PROGRESS")) or not sys.stderr.isatty()
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
+    """Raise ``NonFiniteLossError`` naming the step if ``loss`` is NaN or infinite."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(f"non-finite {what} ({loss.detach().flatten()[0].item()}) at step {step}; "
+                                 "stopping (the last good checkpoint is kept)")
+
+
+def positive(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a strictly positive number."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; user-facing errors become one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
