@@ -6,23 +6,39 @@ computes the chosen estimate of dL_val/dλ, accumulates it into ``h.grad`` for e
 ``hyperparams`` (like ``backward()``), and returns the validation loss it was computed at.
 Experiments call this with ``args.method`` so that every estimator runs on the same work.
 
-Methods and their options:
-    evograd              n_candidates, sigma, temperature, noise, generator   (plain path)
-    evograd_low_memory   same options; one candidate graph alive at a time
-    second_order         inner_lr, inner_steps     (``higher``)
-    second_order_func    inner_lr, inner_steps     (``torch.func``)
+Methods, their options, and their cost per hypergradient (F/B: forward/backward passes of the
+training loss; "graph": what stays alive until the hypergradient is formed; T inner steps, K
+candidates, W window):
+
+    method              options                                     cost                        memory
+    evograd             n_candidates, sigma, temperature, noise,    K F + K·(B w.r.t. λ only)    K loss graphs + θ*
+                        generator
+    evograd_low_memory  same as evograd                             same, one graph at a time    1 loss graph
+    second_order        inner_lr, inner_steps (``higher``)          T F + T double-backward B    T graphs + T+1 θ copies
+    second_order_func   inner_lr, inner_steps (``torch.func``)      as second_order              as second_order
+    finite_difference   inner_lr, fd_epsilon                        3 F + 3 plain B (T = 1)      1 graph + 3 θ-sized tensors
+    unrolled            inner_lr, inner_steps                       as second_order              as second_order
+    multistep           inner_lr, inner_steps, window               ⌈T/W⌉ F + ⌈T/W⌉ double B     ⌈T/W⌉ graphs
+
+(plus one validation forward/backward for every method). The estimators' docstrings in
+``common.evograd``, ``common.second_order`` and ``common.estimators`` give the details.
+``add_estimator_args`` / ``estimator_options`` give CLIs the flags of all of them at once.
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
+from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
 EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator")
 SECOND_ORDER_OPTIONS = ("inner_lr", "inner_steps")
+FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
+MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
 
 
 def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
@@ -35,24 +51,57 @@ def _evograd_low_memory(params, hyperparams, train_loss_fn, val_loss_fn, **optio
     return evograd_hypergrad_low_memory(params, hyperparams, train_loss_fn, val_loss_fn, **options).val_loss.item()
 
 
-def _second_order(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
-    loss = second_order_meta_loss(params, train_loss_fn, val_loss_fn, **options)
-    loss.backward(inputs=list(hyperparams))
-    return loss.item()
+def _backward_through(meta_loss_fn: Callable[..., Tensor]) -> Callable[..., float]:
+    """Estimator that builds ``meta_loss_fn``'s differentiable L_val and backpropagates it into λ."""
+    def estimate(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+        loss = meta_loss_fn(params, train_loss_fn, val_loss_fn, **options)
+        loss.backward(inputs=list(hyperparams))
+        return loss.item()
+    estimate.__doc__ = f"``{meta_loss_fn.__name__}(...).backward()`` into the hyperparameters."
+    return estimate
 
 
-def _second_order_func(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
-    loss = second_order_meta_loss_func(params, train_loss_fn, val_loss_fn, **options)
-    loss.backward(inputs=list(hyperparams))
-    return loss.item()
+def _finite_difference(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+    return finite_difference_hypergrad(params, hyperparams, train_loss_fn, val_loss_fn, **options).item()
 
 
 ESTIMATORS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
     "evograd": (_evograd, EVOGRAD_OPTIONS),
     "evograd_low_memory": (_evograd_low_memory, EVOGRAD_OPTIONS),
-    "second_order": (_second_order, SECOND_ORDER_OPTIONS),
-    "second_order_func": (_second_order_func, SECOND_ORDER_OPTIONS),
+    "second_order": (_backward_through(second_order_meta_loss), SECOND_ORDER_OPTIONS),
+    "second_order_func": (_backward_through(second_order_meta_loss_func), SECOND_ORDER_OPTIONS),
+    "finite_difference": (_finite_difference, FINITE_DIFFERENCE_OPTIONS),
+    "unrolled": (_backward_through(second_order_meta_loss), SECOND_ORDER_OPTIONS),  # T = inner_steps
+    "multistep": (_backward_through(multistep_meta_loss), MULTISTEP_OPTIONS),
 }
+
+
+def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float, inner_steps: int = 1,
+                       window: int | None = None, fd_epsilon: float = 0.01) -> argparse.ArgumentParser:
+    """Add ``--inner_lr``, ``--inner_steps``, ``--window``, ``--fd_epsilon`` where the parser lacks them.
+
+    These are the options of the second-order, unrolled, multistep and finite-difference
+    estimators; the arguments give their defaults. Flags whose destination the parser already
+    has (say an experiment's own ``--inner_lr``) are left as they are.
+    """
+    flags = {
+        "inner_lr": (float, inner_lr, "η of the virtual/unrolled SGD steps (second_order, unrolled, "
+                                      "multistep, finite_difference)"),
+        "inner_steps": (int, inner_steps, "T, inner steps unrolled by second_order/unrolled/multistep"),
+        "window": (int, window, "W, inner steps per gradient in multistep (1 <= W <= T; default W = T)"),
+        "fd_epsilon": (float, fd_epsilon, "norm of the central-difference perturbation of finite_difference"),
+    }
+    existing = {action.dest for action in parser._actions}
+    for dest, (kind, default, text) in flags.items():
+        if dest not in existing:
+            parser.add_argument(f"--{dest}", type=kind, default=default, help=text)
+    return parser
+
+
+def estimator_options(args: argparse.Namespace) -> dict:
+    """The non-EvoGrad estimator options found on ``args`` (see ``add_estimator_args``)."""
+    names = set(SECOND_ORDER_OPTIONS + FINITE_DIFFERENCE_OPTIONS + MULTISTEP_OPTIONS)
+    return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
 
 
 def meta_backward(

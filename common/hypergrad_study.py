@@ -1,0 +1,456 @@
+"""Fidelity versus cost of hypergradient estimators, side by side on problems with a known answer.
+
+    python -m common.hypergrad_study [--problems one_d ridge ...] [--draws N] [--quick] --out DIR
+
+For every problem and estimator setting (EvoGrad K = 2, 5, 10, 50 and σ, τ sweeps; one-step
+second-order, torch.func twin and finite differences; unrolled T; multistep T and W) it measures
+the cosine similarity and the sign agreement of the estimate with the problem's reference
+hypergradient over many draws, the seconds per hypergradient and the peak memory. Settings run
+interleaved (every draw runs every setting, in rotating order) so that drifts in machine speed hit
+all of them alike. Output: one results file per (problem, setting) for ``common.report``,
+``study.json``, ``study.md`` (the table) and ``fidelity_vs_cost.png``/``.pdf`` (the figure).
+
+Problems: ``one_d`` and ``ridge`` are defined here; experiments add theirs in ``<folder>/study.py``
+with ``@register_problem`` (found by file, so ``common`` imports no experiment by name).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from common.hypergrad import meta_backward
+from common.profiling import current_rss_mb, peak_rss_mb, reset_peak_rss
+from common.results import atomic_write_json, write_results
+from common.runtime import CLIError, add_common_args, progress, run_cli, seed_everything, select_device
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "hypergrad_study"
+
+
+@dataclass
+class ProblemInstance:
+    """One hypergradient question with its answer.
+
+    Attributes:
+        params: θ, where the hypergradient is taken (dict of tensors).
+        hyperparams: λ tensors (``requires_grad=True``).
+        train_loss_fn, val_loss_fn: parameter dict -> scalar loss.
+        reference: the reference hypergradient, one tensor per hyperparameter.
+    """
+
+    params: dict[str, Tensor]
+    hyperparams: list[Tensor]
+    train_loss_fn: Callable[[dict[str, Tensor]], Tensor]
+    val_loss_fn: Callable[[dict[str, Tensor]], Tensor]
+    reference: list[Tensor]
+
+
+@dataclass(frozen=True)
+class StudyProblem:
+    """A problem of the study.
+
+    Attributes:
+        name: identifier (``--problems``).
+        build: ``build(n_instances, seed, device, quick) -> list[ProblemInstance]``; draws cycle
+            through the instances.
+        inner_lr: η of every second-order, finite-difference, unrolled and multistep estimate.
+        hyper_kind: where λ acts: "loss", "input" or "network".
+        reference: how the reference is obtained, in words.
+        unroll_steps: T values of the ``unrolled`` settings.
+        multistep: (T, windows) of the ``multistep`` settings.
+        evograd_noise: "sign" or "gaussian".
+        evograd_method: "evograd" or "evograd_low_memory" (λ on the input or in the network).
+        instances: number of distinct instances.
+    """
+
+    name: str
+    build: Callable[[int, int, torch.device, bool], list[ProblemInstance]]
+    inner_lr: float
+    hyper_kind: str
+    reference: str
+    unroll_steps: tuple[int, ...] = (5, 20, 50)
+    multistep: tuple[int, tuple[int, ...]] = (20, (2, 5, 20))
+    evograd_noise: str = "sign"
+    evograd_method: str = "evograd"
+    instances: int = 1
+
+
+PROBLEMS: dict[str, StudyProblem] = {}
+
+
+def register_problem(name: str, **kwargs) -> Callable:
+    """Decorator: ``@register_problem("rotation", inner_lr=0.1, hyper_kind="input", ...)`` on ``build``."""
+    def decorate(build: Callable) -> Callable:
+        PROBLEMS[name] = StudyProblem(name=name, build=build, **kwargs)
+        return build
+    return decorate
+
+
+def discover_problems() -> dict[str, StudyProblem]:
+    """Import every ``<folder>/study.py`` beside ``common/`` so that its problems register."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    for study_file in sorted(REPO_ROOT.glob("*/study.py")):
+        if study_file.parent.name != "common":
+            importlib.import_module(f"{study_file.parent.name}.study")
+    return PROBLEMS
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in problems with analytic references
+# ---------------------------------------------------------------------------------------------
+
+ONE_D_TARGET = 0.5  # c: the validation loss is f(θ − c)
+
+
+def one_d_f(x: Tensor) -> Tensor:
+    """f(x) = log cosh x + x²/10: smooth, strictly convex, minimum at 0, not quadratic."""
+    return torch.log(torch.cosh(x)) + 0.1 * x**2
+
+
+def one_d_f_prime(x: Tensor) -> Tensor:
+    """f'(x) = tanh x + x/5."""
+    return torch.tanh(x) + 0.2 * x
+
+
+def one_d_f_second(x: Tensor) -> Tensor:
+    """f''(x) = 1/cosh² x + 1/5."""
+    return 1 / torch.cosh(x) ** 2 + 0.2
+
+
+def one_d_instance(theta: float, lam: float, device: torch.device | str = "cpu") -> ProblemInstance:
+    """L_train(θ, λ) = f(θ − λ), L_val(θ) = f(θ − c); reference dL_val(θ*(λ))/dλ = f'(λ − c).
+
+    θ*(λ) = λ, so the true (converged, implicit-function) hypergradient is f'(λ − c), whatever θ.
+    """
+    lam_t = torch.tensor([lam], dtype=torch.float64, device=device, requires_grad=True)
+    params = {"theta": torch.tensor([theta], dtype=torch.float64, device=device)}
+    return ProblemInstance(
+        params, [lam_t],
+        train_loss_fn=lambda p: one_d_f(p["theta"] - lam_t).sum(),
+        val_loss_fn=lambda p: one_d_f(p["theta"] - ONE_D_TARGET).sum(),
+        reference=[one_d_f_prime(lam_t.detach() - ONE_D_TARGET)])
+
+
+@register_problem("one_d", inner_lr=0.5, hyper_kind="loss", evograd_noise="gaussian", instances=32,
+                  reference="analytic: f'(λ − c), the hypergradient at θ*(λ) = λ")
+def build_one_d(n_instances: int, seed: int, device: torch.device, quick: bool) -> list[ProblemInstance]:
+    """Points θ ~ U(−3, 3), λ ~ U(−2, 2): the base model is anywhere on its way to θ*(λ) = λ."""
+    gen = torch.Generator().manual_seed(seed)
+    thetas = torch.rand(n_instances, generator=gen, dtype=torch.float64) * 6 - 3
+    lams = torch.rand(n_instances, generator=gen, dtype=torch.float64) * 4 - 2
+    return [one_d_instance(t.item(), l.item(), device) for t, l in zip(thetas, lams)]
+
+
+@dataclass
+class RidgeData:
+    """Ridge regression with one log-strength per feature: L_train = ‖Xw − y‖²/2n + Σ_j e^{λ_j} w_j²/2."""
+
+    x_train: Tensor  # [n, d]
+    y_train: Tensor  # [n]
+    x_val: Tensor    # [m, d]
+    y_val: Tensor    # [m]
+
+    def train_loss(self, w: Tensor, lam: Tensor) -> Tensor:
+        return ((self.x_train @ w - self.y_train) ** 2).mean() / 2 + (lam.exp() * w**2).sum() / 2
+
+    def val_loss(self, w: Tensor) -> Tensor:
+        return ((self.x_val @ w - self.y_val) ** 2).mean() / 2
+
+    def hessian(self, lam: Tensor) -> Tensor:
+        """∇²_w L_train = XᵀX/n + diag(e^λ), [d, d]."""
+        return self.x_train.T @ self.x_train / len(self.y_train) + torch.diag(lam.exp())
+
+    def solution(self, lam: Tensor) -> Tensor:
+        """w*(λ) = (XᵀX/n + diag(e^λ))⁻¹ Xᵀy/n."""
+        return torch.linalg.solve(self.hessian(lam), self.x_train.T @ self.y_train / len(self.y_train))
+
+    def ift_hypergrad(self, lam: Tensor) -> Tensor:
+        """dL_val(w*(λ))/dλ = −(∂²L_train/∂λ∂w) H⁻¹ ∇L_val(w*), with ∂²L_train/∂λ_j∂w_k = e^{λ_j} w_j δ_jk."""
+        w = self.solution(lam)
+        grad_val = self.x_val.T @ (self.x_val @ w - self.y_val) / len(self.y_val)
+        return -lam.exp() * w * torch.linalg.solve(self.hessian(lam), grad_val)
+
+
+def make_ridge_data(n_train: int, n_val: int, n_features: int, seed: int,
+                    device: torch.device | str = "cpu") -> RidgeData:
+    """Half the features carry signal; the training targets are noisier than the validation ones."""
+    gen = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(n_features, generator=gen, dtype=torch.float64)
+    w_true[n_features // 2:] = 0
+
+    def sample(n: int, noise: float) -> tuple[Tensor, Tensor]:
+        x = torch.randn(n, n_features, generator=gen, dtype=torch.float64)
+        return x, x @ w_true + noise * torch.randn(n, generator=gen, dtype=torch.float64)
+    (x_tr, y_tr), (x_va, y_va) = sample(n_train, 1.0), sample(n_val, 0.1)
+    return RidgeData(x_tr.to(device), y_tr.to(device), x_va.to(device), y_va.to(device))
+
+
+def ridge_instance(data: RidgeData, lam: Tensor) -> ProblemInstance:
+    """The hypergradient at θ = w*(λ), where the implicit-function answer is exact."""
+    lam = lam.detach().clone().requires_grad_()
+    return ProblemInstance(
+        {"w": data.solution(lam.detach())}, [lam],
+        train_loss_fn=lambda p: data.train_loss(p["w"], lam),
+        val_loss_fn=lambda p: data.val_loss(p["w"]),
+        reference=[data.ift_hypergrad(lam.detach())])
+
+
+@register_problem("ridge", inner_lr=0.25, hyper_kind="loss", evograd_noise="gaussian", instances=8,
+                  reference="implicit function theorem at w*(λ) (closed form)")
+def build_ridge(n_instances: int, seed: int, device: torch.device, quick: bool) -> list[ProblemInstance]:
+    """20 features, 50 training and 200 validation rows; λ_j ~ N(log 0.1, 1) per instance."""
+    data = make_ridge_data(50, 200, 20, seed, device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    lams = [math.log(0.1) + torch.randn(20, generator=gen, dtype=torch.float64).to(device)
+            for _ in range(n_instances)]
+    return [ridge_instance(data, lam) for lam in lams]
+
+
+# ---------------------------------------------------------------------------------------------
+# estimator settings
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EstimatorSetting:
+    """One point of the study: an estimator name for ``meta_backward`` and its options."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+    family: str = ""
+
+
+EVOGRAD_K = (2, 5, 10, 50)
+EVOGRAD_SIGMAS = (1e-4, 1e-2, 1e-1)       # beside the paper's σ = 1e-3
+EVOGRAD_TEMPERATURES = (0.005, 0.5, 5.0)  # beside the paper's τ = 0.05
+
+
+def estimator_settings(problem: StudyProblem, quick: bool = False) -> list[EstimatorSetting]:
+    """The grid of the study for ``problem`` (a smaller one with ``quick``)."""
+    evo = problem.evograd_method
+    base = {"sigma": 1e-3, "temperature": 0.05, "noise": problem.evograd_noise}
+    ks = (2, 10) if quick else EVOGRAD_K
+    settings = [EstimatorSetting(f"evograd K={k}", evo, {**base, "n_candidates": k}, "evograd") for k in ks]
+    sigmas = EVOGRAD_SIGMAS[1:2] if quick else EVOGRAD_SIGMAS
+    settings += [EstimatorSetting(f"evograd K=2 sigma={s:g}", evo, {**base, "n_candidates": 2, "sigma": s},
+                                  "evograd sigma") for s in sigmas]
+    temps = EVOGRAD_TEMPERATURES[1:2] if quick else EVOGRAD_TEMPERATURES
+    settings += [EstimatorSetting(f"evograd K=2 tau={t:g}", evo, {**base, "n_candidates": 2, "temperature": t},
+                                  "evograd tau") for t in temps]
+    one_step = {"inner_lr": problem.inner_lr, "inner_steps": 1}
+    settings += [EstimatorSetting("second_order", "second_order", one_step, "one-step"),
+                 EstimatorSetting("second_order_func", "second_order_func", one_step, "one-step"),
+                 EstimatorSetting("finite_difference", "finite_difference",
+                                  {"inner_lr": problem.inner_lr, "fd_epsilon": 0.01}, "one-step")]
+    steps = problem.unroll_steps[:1] if quick else problem.unroll_steps
+    settings += [EstimatorSetting(f"unrolled T={t}", "unrolled", {"inner_lr": problem.inner_lr, "inner_steps": t},
+                                  "unrolled") for t in steps]
+    horizon, windows = problem.multistep
+    windows = windows[-1:] if quick else windows
+    settings += [EstimatorSetting(f"multistep T={horizon} W={w}", "multistep",
+                                  {"inner_lr": problem.inner_lr, "inner_steps": horizon, "window": w},
+                                  "multistep") for w in windows]
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier settings back to the OS so that peak RSS deltas are honest."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def fidelity(estimate: Sequence[Tensor], reference: Sequence[Tensor]) -> dict[str, float]:
+    """Cosine similarity, sign agreement and relative error of ``estimate`` against ``reference``.
+
+    Hyperparameter tensors are flattened and concatenated. The cosine of a zero estimate is 0
+    (no direction); a zero coordinate never agrees in sign with the reference.
+    """
+    g = torch.cat([e.detach().flatten().to(torch.float64).cpu() for e in estimate])
+    r = torch.cat([x.detach().flatten().to(torch.float64).cpu() for x in reference])
+    denom = g.norm() * r.norm()
+    cosine = (g @ r / denom).item() if denom > 0 else 0.0
+    return {"cosine": cosine,
+            "sign_agreement": (torch.sign(g) == torch.sign(r)).to(torch.float64).mean().item(),
+            "rel_error": ((g - r).norm() / r.norm()).item() if r.norm() > 0 else float("nan"),
+            "norm_ratio": (g.norm() / r.norm()).item() if r.norm() > 0 else float("nan")}
+
+
+def estimate_once(setting: EstimatorSetting, instance: ProblemInstance, generator: torch.Generator,
+                  device: torch.device) -> tuple[list[Tensor], float, float]:
+    """One hypergradient: (estimate, seconds, peak memory in MB above the level before it)."""
+    for h in instance.hyperparams:
+        h.grad = None
+    options = dict(setting.options)
+    if setting.family.startswith("evograd"):
+        options["generator"] = generator
+    _release_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mb = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        reset_peak_rss()
+        base_mb = current_rss_mb()
+    start = time.perf_counter()
+    meta_backward(setting.method, instance.params, instance.hyperparams, instance.train_loss_fn,
+                  instance.val_loss_fn, **options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()) - base_mb
+    estimate = [h.grad.detach().clone() for h in instance.hyperparams]
+    return estimate, seconds, max(0.0, peak)
+
+
+def run_problem(problem: StudyProblem, settings: Sequence[EstimatorSetting], draws: int, seed: int,
+                device: torch.device, quick: bool, warmup: int = 1) -> list[dict]:
+    """Every setting on ``draws`` draws, interleaved; one summary row per setting."""
+    instances = problem.build(problem.instances, seed, device, quick)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for setting in settings:  # warm-up: first calls pay for allocations and lazy imports
+        for _ in range(warmup):
+            estimate_once(setting, instances[0], generator, device)
+    records: dict[str, list[dict]] = {s.label: [] for s in settings}
+    for draw in progress(range(draws), desc=problem.name):
+        instance = instances[draw % len(instances)]
+        shift = draw % len(settings)
+        for setting in list(settings[shift:]) + list(settings[:shift]):
+            estimate, seconds, peak = estimate_once(setting, instance, generator, device)
+            records[setting.label].append({**fidelity(estimate, instance.reference),
+                                           "seconds": seconds, "peak_mb": peak})
+    rows = []
+    for setting in settings:
+        recs = records[setting.label]
+        row = {"problem": problem.name, "hyper_kind": problem.hyper_kind, "label": setting.label,
+               "method": setting.method, "family": setting.family,
+               "options": {k: v for k, v in setting.options.items()}, "draws": len(recs)}
+        for key in ("cosine", "sign_agreement", "rel_error", "norm_ratio", "seconds"):
+            values = [r[key] for r in recs if not math.isnan(r[key])]
+            row[key] = statistics.fmean(values) if values else float("nan")
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["seconds_median"] = statistics.median(r["seconds"] for r in recs)
+        row["peak_mb"] = max(r["peak_mb"] for r in recs)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# table, figure, CLI
+# ---------------------------------------------------------------------------------------------
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table of one problem's rows; time ratio to the one-step ``second_order``."""
+    ref = next((r for r in rows if r["label"] == "second_order"), None)
+    lines = ["| estimator | cosine (mean ± std) | sign agreement | ‖ĝ‖/‖g‖ | ms / hypergradient | "
+             "time ratio | peak MB | draws |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref and ref["seconds"] > 0 else "n/a"
+        lines.append(f"| {r['label']} | {r['cosine']:.3f} ± {r['cosine_std']:.3f} | {r['sign_agreement']:.3f} | "
+                     f"{r['norm_ratio']:.3g} | {1e3 * r['seconds']:.3g} | {ratio} | {r['peak_mb']:.3g} | {r['draws']} |")
+    return "\n".join(lines)
+
+
+FAMILY_STYLE = {"evograd": ("tab:green", "o"), "evograd sigma": ("tab:olive", "v"), "evograd tau": ("tab:cyan", "^"),
+                "one-step": ("tab:red", "s"), "unrolled": ("tab:blue", "D"), "multistep": ("tab:purple", "P")}
+
+
+def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Path]:
+    """One row of panels per problem: mean cosine (± standard error) against seconds and peak memory."""
+    from matplotlib.ticker import NullFormatter
+
+    from common.plotting import plt, save_figure
+    fig, axes = plt.subplots(len(rows_by_problem), 2, figsize=(11, 3.6 * len(rows_by_problem)), squeeze=False)
+    for (name, rows), (ax_time, ax_mem) in zip(rows_by_problem.items(), axes):
+        for r in rows:
+            color, marker = FAMILY_STYLE.get(r["family"], ("k", "x"))
+            for ax, x in ((ax_time, 1e3 * r["seconds"]), (ax_mem, max(r["peak_mb"], 1e-3))):
+                sem = r["cosine_std"] / math.sqrt(r["draws"])
+                ax.errorbar(x, r["cosine"], yerr=sem, color=color, marker=marker, ms=5, capsize=2,
+                            alpha=0.8, label=r["family"])
+                ax.annotate(r["label"].replace("evograd ", "").replace("multistep ", "ms ").replace("unrolled ", ""),
+                            (x, r["cosine"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        kind = rows[0]["hyper_kind"] if rows else ""
+        for ax, xlabel in ((ax_time, "ms per hypergradient"), (ax_mem, "peak MB above start")):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylim(-1.1, 1.1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("cosine with reference")
+            ax.set_title(f"{name} (λ on the {kind})", fontsize=9)
+            ax.grid(alpha=0.3)
+        handles, labels = ax_time.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax_time.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.hypergrad_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", nargs="+", help="problems to run (default: all found)")
+    parser.add_argument("--draws", type=int, default=64, help="hypergradients per setting (EvoGrad noise, instances)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting before the draws")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    parser.add_argument("--list", action="store_true", help="list the problems and exit")
+    add_common_args(parser, default_seeds=(0,), default_out="results/hypergrad_study")
+    args = parser.parse_args(argv)
+    if args.draws < 1 or args.warmup < 0 or args.threads < 1:
+        raise CLIError("--draws and --threads must be >= 1 and --warmup >= 0")
+    problems = discover_problems()
+    if args.list:
+        for p in problems.values():
+            print(f"{p.name}: λ on the {p.hyper_kind}; reference {p.reference}")
+        return
+    names = args.problems or list(problems)
+    unknown = [n for n in names if n not in problems]
+    if unknown:
+        raise CLIError(f"unknown problem(s) {unknown}; found: {sorted(problems)}")
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    seed = args.seed if args.seed is not None else args.seeds[0]
+    draws = min(args.draws, 8) if args.quick else args.draws
+    out = Path(args.out)
+    rows_by_problem, tables = {}, []
+    for name in names:
+        problem = problems[name]
+        seed_everything(seed)
+        rows = run_problem(problem, estimator_settings(problem, args.quick), draws, seed, device, args.quick,
+                           args.warmup)
+        rows_by_problem[name] = rows
+        for r in rows:
+            write_results(out, experiment=EXPERIMENT, method=r["label"].replace(" ", "_"), seed=seed, setting=name,
+                          config={"problem": name, "method": r["method"], **r["options"], "draws": r["draws"],
+                                  "quick": args.quick, "threads": args.threads},
+                          metrics={k: r[k] for k in ("cosine", "cosine_std", "sign_agreement", "rel_error", "norm_ratio")},
+                          efficiency={"meta_step_s": r["seconds"], "peak_mem_mb": r["peak_mb"], "device": str(device)})
+        table = format_table(rows)
+        tables.append(f"### {name} (λ on the {problem.hyper_kind}; reference: {problem.reference}; "
+                      f"η = {problem.inner_lr:g})\n\n{table}\n")
+        print(tables[-1], flush=True)
+    atomic_write_json(out / "study.json", {"rows": [r for rows in rows_by_problem.values() for r in rows],
+                                           "argv": list(argv if argv is not None else sys.argv[1:])})
+    (out / "study.md").write_text("\n".join(tables))
+    figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
+    print(f"wrote {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, figures))}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
