@@ -79,7 +79,9 @@ def discover() -> dict[str, Benchmark]:
     for bench_file in sorted(REPO_ROOT.glob("*/bench.py")):
         if bench_file.parent.name != "common":
             importlib.import_module(f"{bench_file.parent.name}.bench")
-    return REGISTRY
+    # Under ``python -m common.bench`` this file is ``__main__``; the benchmarks registered
+    # themselves in the importable ``common.bench``, whose registry is the one to read.
+    return importlib.import_module("common.bench").REGISTRY
 
 
 def time_methods(bench: Benchmark, config: dict, methods: Sequence[str], device: torch.device,

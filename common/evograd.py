@@ -107,12 +107,16 @@ class _MergeCandidates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         refs = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
-        # ∂L/∂w_k = Σ_params <∂L/∂θ*, ε_k>
-        dw = torch.stack([
-            sum((g.to(torch.float64) * e).sum() for g, e in zip(grads, ctx.noise.sample(k, refs)))
-            for k in range(len(ctx.noise))
-        ]).to(ctx.weight_dtype)
+        dw = _noise_dots(grads, ctx.noise, refs).to(ctx.weight_dtype)  # ∂L/∂w_k = <∂L/∂θ*, ε_k>
         return (dw, None) + (None,) * len(refs)
+
+
+def _noise_dots(grads: Sequence[Tensor], noise: CandidateNoise, like: Sequence[Tensor]) -> Tensor:
+    """[<grads, ε_k> for k], shape [K] in float64: per-tensor dot products, summed over tensors."""
+    return torch.stack([
+        sum(torch.dot(g.reshape(-1), e.reshape(-1)).to(torch.float64) for g, e in zip(grads, noise.sample(k, like)))
+        for k in range(len(noise))
+    ])
 
 
 def merge_candidates(params: Mapping[str, Tensor], weights: Tensor, noise: CandidateNoise) -> Params:
@@ -256,10 +260,7 @@ def evograd_hypergrad_low_memory(
 
     with torch.no_grad():
         grad_merged = [torch.zeros_like(m) if g is None else g for g, m in zip(grad_merged, merged.values())]
-        dl_dw = torch.stack([
-            sum((g.to(torch.float64) * e).sum() for g, e in zip(grad_merged, noise_spec.sample(k, grad_merged)))
-            for k in range(n_candidates)
-        ]).to(weights.dtype)
+        dl_dw = _noise_dots(grad_merged, noise_spec, grad_merged).to(weights.dtype)
         dl_dloss = -(weights / temperature) * (dl_dw - (weights * dl_dw).sum())
         for i, h in enumerate(hyperparams):
             total = sum(dl_dloss[k] * loss_grads[k][i] for k in range(n_candidates))
