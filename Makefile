@@ -1,0 +1,32 @@
+# The two commands of the README:  make reproduce  and  make test.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+RESULTS ?= results
+# every experiment's --quick run on its embedded offline data, in this order
+EXPERIMENTS := illustration_1d rotation label_noise_mwn cross_domain_fewshot metaxl
+
+.PHONY: setup test reproduce bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	EVOGRAD_NO_PROGRESS=1 $(PYTHON) -m pytest
+
+reproduce: setup
+	set -e; for exp in $(EXPERIMENTS); do \
+	  echo "== $$exp: python -m $$exp.train --quick --out $(RESULTS)/$$exp"; \
+	  $(PYTHON) -m $$exp.train --quick --out $(RESULTS)/$$exp; \
+	done
+	$(PYTHON) -m common.report $(RESULTS)
+
+bench: setup
+	$(PYTHON) -m common.bench --out $(RESULTS)/bench.json
+
+clean:
+	rm -rf $(RESULTS)

@@ -1,0 +1,117 @@
+"""Results files, the report, the efficiency meter and the bench runner."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import results as results_mod
+from common.bench import Benchmark, format_table, run_benchmark
+from common.profiling import EfficiencyMeter
+from common.report import build_report, format_mean_std, load_paper_numbers
+from common.results import atomic_write_json, load_results, write_results
+
+EFF = {"meta_step_s": 0.5, "peak_mem_mb": 10.0, "device": "cpu"}
+
+
+def test_write_results_is_atomic_and_complete(tmp_path):
+    path = write_results(tmp_path, experiment="toy", method="evograd", seed=3, config={"lr": 0.1},
+                         metrics={"acc": 90.0, "curve": [1, 2], "bad": float("nan")}, efficiency=EFF, setting="a b")
+    record = json.loads(path.read_text())
+    assert path.name == "toy_a-b_evograd_seed3.json"
+    assert {"experiment", "method", "seed", "setting", "config", "metrics", "efficiency", "env"} <= set(record)
+    assert record["metrics"]["bad"] is None and record["env"]["torch"] == torch.__version__
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left
+    with pytest.raises(ValueError, match="efficiency"):
+        write_results(tmp_path, experiment="toy", method="m", seed=0, config={}, metrics={}, efficiency={})
+
+
+def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = atomic_write_json(tmp_path / "r.json", {"v": 1})
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(results_mod.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_report_means_stds_and_paper_rows(tmp_path):
+    for seed, acc in [(1, 90.0), (2, 92.0), (3, 94.0)]:
+        write_results(tmp_path, experiment="rotation", method="evograd", seed=seed, config={},
+                      metrics={"test_acc_rotated": acc, "angles": [0.1, 0.2]}, efficiency=EFF, setting="mnist")
+    (tmp_path / "not_a_result.json").write_text("[1, 2]")
+    records = load_results(tmp_path)
+    assert len(records) == 3
+    paper = {"rotation": {"source": "the paper", "settings": {"mnist": {
+        "evograd": {"test_acc_rotated": "98.11 ± 0.32"}, "baseline": {"test_acc_rotated": "81.79 ± 0.64"}}}}}
+    text = build_report(records, paper)
+    assert "| evograd | 3 | 92.00 ± 2.00 | 0.5000 ± 0.0000 | 10.00 ± 0.00 |" in text
+    assert "| evograd (paper) | | 98.11 ± 0.32 |  |  |" in text
+    assert "| baseline (paper) |" in text and "Paper numbers: the paper" in text
+    assert "angles" not in text  # lists are curves, not table cells
+    assert format_mean_std([5.0]) == "5.00"
+
+
+def test_paper_numbers_files_parse():
+    paper = load_paper_numbers()
+    assert "rotation" in paper
+    for entry in paper.values():
+        assert entry["source"] and isinstance(entry["settings"], dict)
+
+
+def test_report_cli(tmp_path):
+    write_results(tmp_path, experiment="toy", method="m", seed=0, config={}, metrics={"acc": 1.0}, efficiency=EFF)
+    out = subprocess.run([sys.executable, "-m", "common.report", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and (tmp_path / "report.md").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-m", "common.report", str(empty)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: no results files")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_efficiency_meter_times_after_warmup_and_sees_memory():
+    meter = EfficiencyMeter("cpu", warmup=2)
+    for _ in range(5):
+        with meter.step():
+            block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+            block += 1
+            del block
+    summary = meter.summary()
+    assert summary["timed_steps"] == 3 and summary["meta_step_s"] > 0
+    assert summary["peak_mem_mb"] >= 48, summary
+    assert summary["device"] == "cpu"
+
+
+def test_bench_runner_interleaves_and_formats():
+    calls = []
+
+    def make_step(method, config, device):
+        def step():
+            calls.append(method)
+        return step
+    bench = Benchmark("toy", make_step, ("a", "b"), "b", ({"n": 1},))
+    rows = run_benchmark(bench, bench.configs, bench.methods, torch.device("cpu"), warmup=1, reps=3,
+                         memory=False, mem_steps=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
+    assert [r["method"] for r in rows] == ["a", "b"] and all(r["time_s"] >= 0 for r in rows)
+    table = format_table([{"method": "a", "time_s": 2.0, "time_std_s": 0.1, "peak_mem_mb": 50.0},
+                          {"method": "b", "time_s": 4.0, "time_std_s": 0.1, "peak_mem_mb": 100.0}], "b")
+    assert "| a | 2 ± 0.1 | 0.5 | 50 | 0.5 |" in table
+
+
+def test_bench_cli_runs_a_registered_benchmark_with_memory(tmp_path):
+    out_file = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "common.bench", "illustration_1d", "--quick", "--reps", "2",
+                          "--methods", "evograd", "second_order", "--out", str(out_file)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out_file.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"evograd", "second_order"}
+    assert all(r["peak_mem_mb"] is not None and r["time_s"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "common.bench", "no_such_benchmark"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
