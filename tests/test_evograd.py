@@ -7,6 +7,7 @@ from torch import nn
 
 from common.evograd import (CandidateNoise, candidate_weights, evograd_hypergrad_low_memory, evograd_meta_loss,
                             functional_forward, perturbable_params)
+from conftest import quadratic_problem
 
 
 def noise_of(seed: int, k: int, sigma: float, kind: str, like: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -14,21 +15,6 @@ def noise_of(seed: int, k: int, sigma: float, kind: str, like: list[torch.Tensor
     seeds = torch.randint(0, 2**62, (k,), generator=torch.Generator().manual_seed(seed)).tolist()
     noise = CandidateNoise(seeds, sigma, kind)
     return [noise.sample(i, like) for i in range(k)]
-
-
-def quadratic_problem(d=6, dtype=torch.float64):
-    """L_train = ||θ − a||² + Σ λ_i θ_i²,  L_val = ||θ − b||²."""
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(d, generator=g, dtype=dtype)
-    a, b = torch.randn(d, generator=g, dtype=dtype), torch.randn(d, generator=g, dtype=dtype)
-    lam = (torch.rand(d, generator=g, dtype=dtype) + 0.1).requires_grad_()
-
-    def train(p):
-        return ((p["theta"] - a) ** 2).sum() + (lam * p["theta"] ** 2).sum()
-
-    def val(p):
-        return ((p["theta"] - b) ** 2).sum()
-    return theta, a, b, lam, train, val
 
 
 def closed_form(theta, a, b, lam, eps, tau):

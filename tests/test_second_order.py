@@ -7,22 +7,9 @@ from torch import nn
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
+from conftest import quadratic_problem
 
 IMPLEMENTATIONS = [second_order_meta_loss, second_order_meta_loss_func]
-
-
-def quadratic(d=5):
-    """L_train = ||θ − a||² + Σ λ_i θ_i²,  L_val = ||θ − b||²  (float64)."""
-    g = torch.Generator().manual_seed(0)
-    theta, a, b = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3))
-    lam = (torch.rand(d, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
-
-    def train(p):
-        return ((p["theta"] - a) ** 2).sum() + (lam * p["theta"] ** 2).sum()
-
-    def val(p):
-        return ((p["theta"] - b) ** 2).sum()
-    return theta, a, b, lam, train, val
 
 
 def analytic_unrolled(theta, a, b, lam, lr, steps):
@@ -38,7 +25,7 @@ def analytic_unrolled(theta, a, b, lam, lr, steps):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("steps", [1, 3])
 def test_matches_analytic_unrolled_hypergradient(impl, steps):
-    theta, a, b, lam, train, val = quadratic()
+    theta, a, b, lam, train, val = quadratic_problem()
     impl({"theta": theta}, train, val, inner_lr=0.1, inner_steps=steps).backward()
     expected = analytic_unrolled(theta, a, b, lam, 0.1, steps)
     assert expected.abs().min() > 1e-3
@@ -107,7 +94,7 @@ def test_meta_backward_dispatches_to_the_same_numbers():
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_bad_arguments(impl):
-    theta, _, _, _, train, val = quadratic()
+    theta, _, _, _, train, val = quadratic_problem()
     p = {"theta": theta}
     with pytest.raises(ValueError, match="inner_lr"):
         impl(p, train, val, inner_lr=0.0)
