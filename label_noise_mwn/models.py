@@ -37,16 +37,20 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-``depth`` (depth = 6n + 2; 32 by default) for 32x32 images, channels scaled by ``width``."""
+    """ResNet-``depth`` (depth = 6n + 2; 32 by default) for 32x32 images, channels scaled by ``width``.
 
-    def __init__(self, num_classes: int = 10, depth: int = 32, width: int = 1, in_channels: int = 3) -> None:
+    Stage channels are ``base_channels · width · (1, 2, 4)``; MWN's ResNet-32 has base 16, width 1.
+    """
+
+    def __init__(self, num_classes: int = 10, depth: int = 32, width: int = 1, in_channels: int = 3,
+                 base_channels: int = 16) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
         if width < 1:
             raise ValueError(f"width multiplier must be >= 1, got {width}")
         blocks = (depth - 2) // 6
-        planes = [16 * width, 32 * width, 64 * width]
+        planes = [base_channels * width * m for m in (1, 2, 4)]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
         layers, in_planes = [], planes[0]

@@ -31,7 +31,7 @@ from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, lr_at, make_optimizers
 EXPERIMENT = "label_noise_mwn"
 # --quick: embedded 5k MNIST subset, 40% uniform noise, a small ResNet for a few epochs
 QUICK = {"dataset": "mnist", "data_root": None, "corruption_type": "unif", "corruption_prob": 0.4,
-         "epochs": 4, "milestones": [3], "depth": 8, "num_meta": 200, "meta_batch_size": 50}
+         "epochs": 3, "milestones": [2], "depth": 8, "base_channels": 8, "num_meta": 100, "train_size": 1000}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vnet_hidden", type=positive(int), default=100, help="VNet hidden units")
     parser.add_argument("--depth", type=int, default=32, help="ResNet depth 6n+2 (32: ResNet-32)")
     parser.add_argument("--width", type=positive(int), default=1, help="ResNet channel multiplier")
+    parser.add_argument("--base_channels", type=positive(int), default=16,
+                        help="ResNet first-stage channels before --width (16 in ResNet-32)")
     parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
                         help="random horizontal flip; auto: on for CIFAR, off for MNIST digits")
     parser.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     generator = seed_everything(seed)           # EvoGrad noise seeds
     data_gen = torch.Generator().manual_seed(seed + 1)  # batch order and augmentation
     flip = args.flip == "on" or (args.flip == "auto" and args.dataset != "mnist")
-    model = CifarResNet(data.num_classes, args.depth, args.width, data.train_images.shape[1]).to(device)
+    model = CifarResNet(data.num_classes, args.depth, args.width, data.train_images.shape[1],
+                        args.base_channels).to(device)
     vnet = VNet(args.vnet_hidden).to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
                                           args.weight_decay, args.vnet_lr, args.vnet_momentum,

@@ -1,0 +1,40 @@
+"""Benchmark: one MWN training iteration (meta step + actual step) at CIFAR shapes, per method.
+
+    python -m common.bench label_noise_mwn                 # ResNet-32, batch 100, widths 1, 2, 4
+    python -m common.bench label_noise_mwn --config 0      # width 1 only
+
+Random tensors of CIFAR-10 shape (3x32x32, 10 classes) stand in for images: time and memory do
+not depend on the pixel values.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from common.bench import register_benchmark
+from label_noise_mwn.models import CifarResNet, VNet
+from label_noise_mwn.mwn import PAPER_METHODS, make_optimizers, train_iteration
+
+
+@register_benchmark(
+    "label_noise_mwn", methods=PAPER_METHODS, reference="mwn_second_order",
+    configs=tuple({"depth": 32, "width": w, "batch": 100} for w in (1, 2, 4)),
+    quick_configs=({"depth": 8, "width": 1, "batch": 8},),
+    description="Meta-Weight-Net iteration (virtual/EvoGrad meta step + actual step), ResNet at CIFAR shapes")
+def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:
+    """A closure running one full MWN training iteration of ``method`` on fixed random batches."""
+    gen = torch.Generator().manual_seed(0)
+    batch, classes = config["batch"], config.get("classes", 10)
+    x, meta_x = (torch.randn(batch, 3, 32, 32, generator=gen).to(device) for _ in range(2))
+    y, meta_y = (torch.randint(0, classes, (batch,), generator=gen).to(device) for _ in range(2))
+    torch.manual_seed(0)
+    model = CifarResNet(classes, config["depth"], config["width"]).to(device)
+    vnet = VNet().to(device)
+    model_opt, vnet_opt = make_optimizers(model, vnet, 0.1, 0.9, True, 5e-4, 1e-3, 0.9, 5e-4)
+    options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": 2, "sigma": 1e-3, "temperature": 0.05,
+               "noise": "sign", "generator": torch.Generator().manual_seed(1)}
+
+    def step() -> None:
+        train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
+    return step

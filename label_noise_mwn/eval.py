@@ -1,0 +1,67 @@
+"""Evaluate a saved MWN checkpoint: test accuracy of the base model, and the learned weighting curve.
+
+    python -m label_noise_mwn.eval results/label_noise_mwn/checkpoints/<run>.pt [--data-root DIR]
+
+Rebuilds the model from the configuration stored in the checkpoint, reads the same dataset
+(``--data-root`` overrides the stored one), prints the test accuracy and VNet's weight v(ℓ) at a
+few loss values (MWN's learned curve: low weight for high-loss, likely mislabelled, examples), and
+writes them to ``<checkpoint>.eval.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.results import atomic_write_json, load_checkpoint
+from common.runtime import CLIError, run_cli, select_device
+from label_noise_mwn.data import load_dataset, normalize_batch
+from label_noise_mwn.models import CifarResNet, VNet
+from label_noise_mwn.mwn import accuracy
+
+LOSS_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str = "auto") -> dict:
+    """Test accuracy and VNet weights of one checkpoint written by ``label_noise_mwn.train``."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a user-facing error here
+        raise CLIError(f"cannot read checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CLIError(f"{checkpoint} is not a label_noise_mwn checkpoint")
+    config = state["config"]
+    dev = select_device(device)
+    data = load_dataset(config["dataset"], data_root if data_root is not None else config["data_root"])
+    model = CifarResNet(data.num_classes, config["depth"], config["width"], data.train_images.shape[1],
+                        config["base_channels"]).to(dev)
+    model.load_state_dict(state["model"])
+    vnet = VNet(config["vnet_hidden"]).to(dev)
+    vnet.load_state_dict(state["vnet"])
+    acc = accuracy(model, data.test_images, data.test_labels,
+                   lambda imgs: normalize_batch(imgs, data.mean, data.std).to(dev))
+    with torch.no_grad():
+        curve = vnet(torch.tensor(LOSS_GRID, device=dev).reshape(-1, 1)).reshape(-1).tolist()
+    return {"checkpoint": str(checkpoint), "method": config["method"], "seed": config["seed"],
+            "setting": config["setting"], "epoch": state["epoch"], "test_acc": acc,
+            "vnet_weight_at_loss": dict(zip(map(str, LOSS_GRID), curve))}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a .pt file from <out>/checkpoints/")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: the one used for training)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    args = parser.parse_args(argv)
+    result = evaluate(args.checkpoint, args.data_root, args.device)
+    atomic_write_json(Path(args.checkpoint).with_suffix(".eval.json"), result)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    run_cli(main)
