@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_ridge_reference_matches_numerical_derivative_of_the_solved_problem():
 
 
 def test_one_d_reference_is_the_derivative_of_the_converged_validation_loss():
-    inst = build_one_d(4, 0, torch.device("cpu"), False)[2]
+    inst = build_one_d(4, 0, torch.device("cpu"), False, Path("unused"))[2]
     lam = inst.hyperparams[0].detach()
     numeric = (one_d_f(lam + 1e-6 - 0.5) - one_d_f(lam - 1e-6 - 0.5)) / 2e-6  # θ*(λ) = λ
     torch.testing.assert_close(inst.reference[0], numeric, rtol=1e-7, atol=1e-10)
@@ -53,12 +54,12 @@ def test_grid_covers_the_issue_settings():
     assert len(estimator_settings(PROBLEMS["ridge"], quick=True)) < len(labels)
 
 
-def test_run_problem_orders_the_ridge_estimators_as_the_math_says():
+def test_run_problem_orders_the_ridge_estimators_as_the_math_says(tmp_path):
     problem = StudyProblem("ridge_small", build_ridge, inner_lr=0.25, hyper_kind="loss", reference="IFT",
                            evograd_noise="gaussian", instances=2)
     settings = [s for s in estimator_settings(problem) if s.label in
                 ("second_order", "finite_difference", "unrolled T=5", "unrolled T=50", "evograd K=50")]
-    rows = {r["label"]: r for r in run_problem(problem, settings, 4, 0, torch.device("cpu"), False, warmup=0)}
+    rows = {r["label"]: r for r in run_problem(problem, settings, 4, 0, torch.device("cpu"), False, tmp_path, warmup=0)}
     assert rows["unrolled T=50"]["cosine"] > 0.9999 and rows["unrolled T=50"]["rel_error"] < 0.01
     assert rows["unrolled T=50"]["rel_error"] < rows["unrolled T=5"]["rel_error"] < rows["second_order"]["rel_error"]
     assert rows["finite_difference"]["cosine"] == pytest.approx(rows["second_order"]["cosine"], abs=1e-9)
@@ -90,3 +91,14 @@ def test_cli_help_and_bad_arguments(repo_root):
         proc = run_module(repo_root, *bad)
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
+
+
+def test_problems_are_found_by_file():
+    from common.hypergrad_study import discover_problems
+    problems = discover_problems()
+    assert {"one_d", "ridge", "film_mlp"} <= set(problems)
+    kinds = {p.hyper_kind for p in problems.values()}
+    assert {"loss", "network"} <= kinds
+    for name in ("rotation", "mwn_mnist"):  # the experiments' study.py files, where they exist
+        if name in problems:
+            assert problems[name].build.__module__.endswith(".study")
