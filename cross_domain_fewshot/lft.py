@@ -1,0 +1,159 @@
+"""One LFT meta-iteration (Tseng et al. 2020, with EvoGrad or second-order hypergradients), evaluation.
+
+A meta-iteration takes a pseudo-seen episode S and a pseudo-unseen episode U:
+
+    model loss   L_S(θ, λ)   on S with FWT on   -> Adam step on θ (backbone + relation module)
+    meta loss    L_U(θ')     on U with FWT off (model in eval mode, as in the LFT code), where θ'
+                 is θ after a virtual update on L_S:
+                   lft_second_order: θ' = θ − η ∇θ L_S(θ, λ)          (one unrolled step, ``higher``)
+                   lft_evograd:      θ' = Σ_k w_k (θ + ε_k),  w = softmax(−L_S(θ + ε_k, λ)/τ)
+                                     (``evograd_low_memory``: λ acts inside the network)
+                 -> Adam step on λ = the FWT parameters θ_γ, θ_β (weight decay 1e-8)
+    baseline     the model loss with FWT off, no meta step.
+
+The hypergradient is taken at θ before its update, and all passes of one iteration share one FWT
+noise draw (a per-iteration seed), so the virtual step sees the transformation of the real one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.evograd import functional_forward, perturbable_params
+from common.hypergrad import ESTIMATORS, meta_backward
+from common.runtime import check_finite
+from cross_domain_fewshot.models import (SOFTPLUS_BETA, FewShotModel, episode_labels, eval_mode, feature_transform,
+                                         is_fwt_param)
+
+# The estimator names that differ from "lft_<estimator>": lft_evograd is the low-memory EvoGrad
+# path (one candidate graph at a time), the plain path is kept under its own name.
+ESTIMATOR_ALIASES = {"evograd_low_memory": "lft_evograd", "evograd": "lft_evograd_plain"}
+METHODS: dict[str, str | None] = {"baseline": None, **{
+    ESTIMATOR_ALIASES.get(name, f"lft_{name}"): name for name in ESTIMATORS}}
+PAPER_METHODS = ("baseline", "lft_second_order", "lft_evograd")
+
+
+def episode_loss(model: nn.Module, params: dict[str, Tensor] | None, episode: Tensor, n_shot: int) -> Tensor:
+    """Cross-entropy of the query logits of ``episode`` [n_way, n_shot + n_query, 3, H, W]."""
+    logits = model(episode, n_shot) if params is None else functional_forward(model, params, episode, n_shot)
+    n_way, per_class = episode.shape[:2]
+    return F.cross_entropy(logits, episode_labels(n_way, per_class - n_shot, episode.device))
+
+
+class LFTTrainer:
+    """Holds the optimisers of θ and λ and runs meta-iterations of one method.
+
+    Args:
+        model: the few-shot model with FWT layers.
+        method: a key of ``METHODS``.
+        lr: Adam learning rate of θ; also σ of EvoGrad and η of the second-order virtual step.
+        fwt_lr, fwt_weight_decay: Adam settings of λ.
+        n_candidates, temperature: EvoGrad's K and τ.
+        generator: seeds the FWT noise and EvoGrad's perturbations.
+        aux_classifier: optional linear layer over pooled backbone features (pretraining classes).
+    """
+
+    def __init__(self, model: FewShotModel, method: str, lr: float = 1e-3, fwt_lr: float = 1e-3,
+                 fwt_weight_decay: float = 1e-8, n_candidates: int = 2, temperature: float = 0.05,
+                 generator: torch.Generator | None = None, aux_classifier: nn.Linear | None = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        self.model, self.method, self.estimator = model, method, METHODS[method]
+        self.aux_classifier = aux_classifier
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        model_params = [p for n, p in model.named_parameters() if not is_fwt_param(n)]
+        if aux_classifier is not None:
+            model_params += list(aux_classifier.parameters())
+        self.fwt_params = [p for n, p in model.named_parameters() if is_fwt_param(n)]
+        self.model_optim = torch.optim.Adam(model_params, lr=lr)
+        self.fwt_optim = torch.optim.Adam(self.fwt_params, lr=fwt_lr, weight_decay=fwt_weight_decay)
+        self.meta_options = dict(n_candidates=n_candidates, sigma=lr, temperature=temperature, noise="sign",
+                                 generator=self.generator, inner_lr=lr, inner_steps=1)
+        self.steps = 0
+
+    def step(self, seen: Tensor, unseen: Tensor, n_shot: int, aux_batch: tuple[Tensor, Tensor] | None = None,
+             aux_weight: float = 0.0) -> dict[str, float]:
+        """One meta-iteration on a pseudo-seen and a pseudo-unseen episode; returns the losses."""
+        model = self.model
+        model.train()
+        use_fwt = self.estimator is not None
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        self.model_optim.zero_grad(set_to_none=True)
+        with feature_transform(model, use_fwt, seed):
+            model_loss = episode_loss(model, None, seen, n_shot)
+        check_finite(model_loss, self.steps, "model loss")
+        total = model_loss
+        aux_loss = torch.zeros(())
+        if aux_batch is not None and aux_weight > 0 and self.aux_classifier is not None:
+            images, labels = aux_batch
+            aux_loss = F.cross_entropy(self.aux_classifier(model.backbone(images).mean(dim=(2, 3))), labels)
+            total = total + aux_weight * aux_loss
+        total.backward()
+        out = {"model_loss": model_loss.item(), "aux_loss": aux_loss.item()}
+        if use_fwt:
+            self.fwt_optim.zero_grad(set_to_none=True)  # drop what the model loss left on λ
+            params = perturbable_params(model, include=lambda n: not is_fwt_param(n))
+
+            def train_loss(p: dict[str, Tensor]) -> Tensor:
+                with feature_transform(model, True, seed):
+                    return episode_loss(model, p, seen, n_shot)
+
+            def val_loss(p: dict[str, Tensor]) -> Tensor:
+                with feature_transform(model, False), eval_mode(model):
+                    return episode_loss(model, p, unseen, n_shot)
+
+            out["meta_loss"] = meta_backward(self.estimator, params, self.fwt_params, train_loss, val_loss,
+                                             **self.meta_options)
+            if not math.isfinite(out["meta_loss"]):
+                check_finite(torch.tensor(out["meta_loss"]), self.steps, "meta loss")
+        self.model_optim.step()
+        if use_fwt:
+            self.fwt_optim.step()
+        self.steps += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"model_optim": self.model_optim.state_dict(), "fwt_optim": self.fwt_optim.state_dict(),
+                "generator": self.generator.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model_optim.load_state_dict(state["model_optim"])
+        self.fwt_optim.load_state_dict(state["fwt_optim"])
+        self.generator.set_state(state["generator"])
+        self.steps = state["steps"]
+
+
+def fwt_scales(model: nn.Module) -> dict[str, float]:
+    """Mean softplus(θ_γ) and softplus(θ_β) over all FWT layers (the learned noise scales)."""
+    gammas = [p for n, p in model.named_parameters() if n.endswith("fwt_gamma")]
+    betas = [p for n, p in model.named_parameters() if n.endswith("fwt_beta")]
+    mean = lambda ps: torch.cat([F.softplus(p.detach(), beta=SOFTPLUS_BETA).flatten() for p in ps]).mean().item()  # noqa: E731
+    return {"fwt_gamma_scale": mean(gammas), "fwt_beta_scale": mean(betas)}
+
+
+@torch.no_grad()
+def evaluate(model: FewShotModel, sample_episode, n_episodes: int, n_shot: int, progress_bar=None) -> tuple[float, float]:
+    """Mean query accuracy (%) over ``n_episodes`` and its 95% confidence half-width (1.96·std/√n).
+
+    Args:
+        model: evaluated in eval mode with FWT off.
+        sample_episode: ``() -> images [n_way, n_shot + n_query, 3, H, W]``.
+        n_episodes: number of test episodes (1000 in the paper).
+        n_shot: support images per class.
+        progress_bar: optional wrapper for the episode range (e.g. ``common.runtime.progress``).
+    """
+    accuracies = []
+    episodes = range(n_episodes) if progress_bar is None else progress_bar(range(n_episodes), desc="eval")
+    with eval_mode(model), feature_transform(model, False):
+        for _ in episodes:
+            episode = sample_episode()
+            n_way, per_class = episode.shape[:2]
+            logits = model(episode, n_shot)
+            labels = episode_labels(n_way, per_class - n_shot, episode.device)
+            accuracies.append((logits.argmax(1) == labels).float().mean().item() * 100)
+    acc = torch.tensor(accuracies)
+    ci95 = 1.96 * acc.std().item() / math.sqrt(len(acc)) if len(acc) > 1 else 0.0
+    return acc.mean().item(), ci95

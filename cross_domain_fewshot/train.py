@@ -1,0 +1,275 @@
+"""Cross-domain few-shot classification with learned feature-wise transformation (LFT), trained with
+EvoGrad or second-order hypergradients (EvoGrad paper, Sec. 4.3; Tseng et al., ICLR 2020).
+
+Stages (``--stage all`` runs them in order, for every method in ``--methods``):
+  pretrain  backbone + linear classifier on miniImagenet's base classes (FWT off);
+  train     multi-domain leave-one-out: ``--testset`` is the unseen domain, the other four are
+            seen; every epoch picks a pseudo-seen and a pseudo-unseen domain among them, every
+            iteration takes one episode of each (see ``cross_domain_fewshot/lft.py``); validation
+            on miniImagenet's val split each epoch keeps the best model; checkpoint per epoch;
+  eval      ``--test-episodes`` episodes of the unseen domain's novel split: accuracy ± 95% CI.
+
+    python -m cross_domain_fewshot.train --quick --out results/cross_domain_fewshot
+    python -m cross_domain_fewshot.train --data-root filelists --testset cub --backbone ResNet34
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.plotting import save_figure
+from common.profiling import EfficiencyMeter
+from common.results import load_checkpoint, save_checkpoint, write_results
+from common.runtime import (CLIError, DataError, add_common_args, positive, progress, run_cli, seed_everything,
+                            seeds_of, select_device)
+from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
+                                       domain_file_list, write_embedded_dataset)
+from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
+from cross_domain_fewshot.lft import METHODS, PAPER_METHODS, LFTTrainer, evaluate, fwt_scales
+from cross_domain_fewshot.models import BLOCKS_PER_STAGE, ResNetBackbone, build_model
+
+EXPERIMENT = "cross_domain_fewshot"
+PRETRAIN_DOMAIN = "miniImagenet"  # pretraining classes, validation domain; always seen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", default="all", choices=["all", "pretrain", "train", "eval"], help="stage(s) to run")
+    parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=sorted(METHODS),
+                        help="methods of the train and eval stages (lft_<estimator> for every common.hypergrad one)")
+    parser.add_argument("--testset", default="cub", choices=DOMAINS[1:], help="unseen domain (leave-one-out)")
+    parser.add_argument("--backbone", default="ResNet10", choices=sorted(BLOCKS_PER_STAGE), help="few-shot ResNet")
+    parser.add_argument("--head", default="relationnet_softmax", choices=["relationnet_softmax", "protonet"],
+                        help="metric-based classifier")
+    parser.add_argument("--width", type=positive(int), default=64, help="channels of the first stage (x8 at the end)")
+    parser.add_argument("--image-size", type=positive(int), default=224, help="square input side in pixels")
+    parser.add_argument("--n-way", type=positive(int), default=5, help="classes per episode")
+    parser.add_argument("--n-shot", type=positive(int), default=5, help="support images per class (5 or 1)")
+    parser.add_argument("--n-query", type=positive(int), default=16, help="query images per class")
+    parser.add_argument("--pretrain-epochs", type=positive(int), default=400, help="passes over miniImagenet base")
+    parser.add_argument("--pretrain-batch", type=positive(int), default=16, help="pretraining batch size")
+    parser.add_argument("--epochs", type=positive(int), default=400, help="LFT training epochs")
+    parser.add_argument("--episodes-per-epoch", type=positive(int), default=100, help="meta-iterations per epoch")
+    parser.add_argument("--lr", type=positive(), default=1e-3, help="Adam lr of the model; EvoGrad sigma; virtual-step lr")
+    parser.add_argument("--fwt-lr", type=positive(), default=1e-3, help="Adam lr of the FWT parameters")
+    parser.add_argument("--fwt-weight-decay", type=float, default=1e-8, help="Adam weight decay of the FWT parameters")
+    parser.add_argument("--n-candidates", type=positive(int), default=2, help="EvoGrad candidates K")
+    parser.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature tau")
+    parser.add_argument("--aux-weight", type=float, default=1.0,
+                        help="weight of the auxiliary pretraining-class loss, decayed linearly to 0 over training")
+    parser.add_argument("--aux-batch", type=positive(int), default=16, help="images per auxiliary batch")
+    parser.add_argument("--val-episodes", type=positive(int), default=100, help="miniImagenet val episodes per epoch")
+    parser.add_argument("--test-episodes", type=positive(int), default=1000, help="unseen-domain test episodes")
+    parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
+
+
+# --quick: embedded data, 32x32 images, a narrow ResNet10, one thread, about 550 episodes in total.
+QUICK = dict(width=16, image_size=32, n_query=6, pretrain_epochs=5, pretrain_batch=32, epochs=3,
+             episodes_per_epoch=10, val_episodes=8, test_episodes=100, aux_batch=8, threads=1)
+
+
+def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, apply the --quick overrides to options left at their defaults, and check the data root."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    if args.data_root is None:
+        # Generated images of side 1.25x the input, so that crops and the test resize have room.
+        args.resolved_data_root = str(write_embedded_dataset(Path(args.out) / "embedded_data",
+                                                             image_size=max(40, round(args.image_size * 1.25))))
+    elif not Path(args.data_root).is_dir():
+        raise DataError(f"--data-root {args.data_root} is not a folder (expected <domain>/<split>.json inside)")
+    else:
+        args.resolved_data_root = args.data_root
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def setting_of(cfg: dict) -> str:
+    data = "embedded" if cfg["data_root"] is None else "real"
+    return f"{data} unseen={cfg['testset']} {cfg['backbone']} {cfg['head']} {cfg['n_way']}-way {cfg['n_shot']}-shot"
+
+
+def sampler_for(cfg: dict, domain: str, split: str, augment: bool) -> EpisodeSampler:
+    source = ImageSource(domain_file_list(cfg["resolved_data_root"], domain, split),
+                         ImageTransform(cfg["image_size"], augment), cache=cfg["data_root"] is None)
+    return EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["n_query"])
+
+
+class PretrainNet(nn.Module):
+    """Backbone, global average pooling, linear classifier over the pretraining classes."""
+
+    def __init__(self, backbone: ResNetBackbone, n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.out_channels, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images).mean(dim=(2, 3)))
+
+
+def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: bool) -> None:
+    """Stage 1: train backbone + linear classifier on miniImagenet base; checkpoint per epoch."""
+    file_list = domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base")
+    source = ImageSource(file_list, ImageTransform(cfg["image_size"], not cfg["no_augment"]), cfg["data_root"] is None)
+    batches = BatchSampler(source, cfg["pretrain_batch"])
+    net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), len(file_list.label_names)).to(device)
+    optim = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    generator, start, history = torch.Generator().manual_seed(seed), 0, []
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        net.load_state_dict(state["model"]), optim.load_state_dict(state["optim"])
+        generator.set_state(state["generator"])
+        start, history = state["epoch"], state["history"]
+    steps_per_epoch = math.ceil(len(file_list.labels) / cfg["pretrain_batch"])
+    meter = EfficiencyMeter(device)
+    for epoch in progress(range(start, cfg["pretrain_epochs"]), desc="pretrain"):
+        correct = total_loss = 0.0
+        for _ in range(steps_per_epoch):
+            images, labels = (t.to(device) for t in batches.sample(generator))
+            with meter.step():
+                logits = net(images)
+                loss = F.cross_entropy(logits, labels)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+            total_loss += loss.item()
+            correct += (logits.argmax(1) == labels).float().mean().item()
+        history.append({"loss": total_loss / steps_per_epoch, "train_acc": 100 * correct / steps_per_epoch})
+        save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
+                               "generator": generator.get_state(), "history": history}, cfg)
+    write_results(cfg["out"], experiment=EXPERIMENT, method="pretrain_linear", seed=seed, config=cfg,
+                  setting=f"{'embedded' if cfg['data_root'] is None else 'real'} pretrain {cfg['backbone']}",
+                  metrics={"final_loss": history[-1]["loss"], "final_train_acc": history[-1]["train_acc"],
+                           "loss_curve": [h["loss"] for h in history]}, efficiency=meter.summary())
+
+
+def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretrain_ckpt: Path, ckpt: Path,
+                 resume: bool) -> None:
+    """Stage 2: LFT (or baseline) meta-training of one method; checkpoint per epoch, best model by val."""
+    model = build_model(cfg["backbone"], cfg["head"], cfg["image_size"], cfg["width"]).to(device)
+    if not pretrain_ckpt.is_file():
+        raise CLIError(f"no pretrained backbone at {pretrain_ckpt}; run --stage pretrain (or all) first")
+    pretrained = load_checkpoint(pretrain_ckpt, device)["model"]
+    model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained.items() if k.startswith("backbone.")})
+    aux_classifier = nn.Linear(model.backbone.out_channels, pretrained["classifier.weight"].shape[0]).to(device)
+    aux_classifier.load_state_dict({k[len("classifier."):]: v for k, v in pretrained.items() if k.startswith("classifier.")})
+    trainer = LFTTrainer(model, method, cfg["lr"], cfg["fwt_lr"], cfg["fwt_weight_decay"], cfg["n_candidates"],
+                         cfg["temperature"], torch.Generator().manual_seed(seed + 1), aux_classifier)
+    data_gen = torch.Generator().manual_seed(seed)
+    start, history, best_val, best_model = 0, [], -1.0, None
+    if resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, device)
+        model.load_state_dict(state["model"]), aux_classifier.load_state_dict(state["aux_classifier"])
+        trainer.load_state_dict(state["trainer"])
+        data_gen.set_state(state["data_generator"])
+        start, history, best_val, best_model = state["epoch"], state["history"], state["best_val"], state["best_model"]
+    seen = [d for d in DOMAINS if d != cfg["testset"]]
+    augment = not cfg["no_augment"]
+    samplers = {d: sampler_for(cfg, d, "base", augment) for d in seen}
+    aux_source = ImageSource(domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base"),
+                             ImageTransform(cfg["image_size"], augment), cfg["data_root"] is None)
+    aux_batches = BatchSampler(aux_source, cfg["aux_batch"])
+    val_sampler = sampler_for(cfg, PRETRAIN_DOMAIN, "val", False)
+    meter = EfficiencyMeter(device)
+    for epoch in progress(range(start, cfg["epochs"]), desc=method):
+        pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
+        pseudo_seen, pseudo_unseen = samplers[seen[pair[0]]], samplers[seen[pair[1]]]
+        aux_weight = cfg["aux_weight"] * (1 - epoch / cfg["epochs"])
+        sums: dict[str, float] = {}
+        for _ in range(cfg["episodes_per_epoch"]):
+            seen_ep = pseudo_seen.sample(data_gen).images.to(device)
+            unseen_ep = pseudo_unseen.sample(data_gen).images.to(device)
+            aux = tuple(t.to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
+            with meter.step():
+                losses = trainer.step(seen_ep, unseen_ep, cfg["n_shot"], aux, aux_weight)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg["episodes_per_epoch"]
+        val_acc, _ = evaluate(model, lambda: val_sampler.sample(data_gen).images.to(device), cfg["val_episodes"],
+                              cfg["n_shot"])
+        if val_acc > best_val:
+            best_val, best_model = val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append({**sums, "val_acc": val_acc, "pseudo_seen": seen[pair[0]], "pseudo_unseen": seen[pair[1]],
+                        **fwt_scales(model)})
+        save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
+                               "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
+                               "epoch": epoch + 1, "history": history, "best_val": best_val,
+                               "best_model": best_model, "efficiency": meter.summary()}, {**cfg, "method": method})
+
+
+def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: Path) -> dict:
+    """Stage 3: test episodes on the unseen domain; writes the method's results file."""
+    if not ckpt.is_file():
+        raise CLIError(f"no trained model at {ckpt}; run --stage train (or all) for {method} first")
+    state = load_checkpoint(ckpt, device)
+    model = model_from_checkpoint(state).to(device)
+    acc, ci95 = evaluate_on_domain(model, cfg["resolved_data_root"], cfg["testset"], cfg, cfg["test_episodes"],
+                                   seed + 2, cache=cfg["data_root"] is None)
+    history = state["history"]
+    metrics = {"test_acc": acc, "test_ci95": ci95, "best_val_acc": state["best_val"],
+               "final_model_loss": history[-1]["model_loss"], **fwt_scales(model),
+               "val_acc_curve": [h["val_acc"] for h in history],
+               "model_loss_curve": [h["model_loss"] for h in history],
+               "fwt_gamma_scale_curve": [h["fwt_gamma_scale"] for h in history]}
+    if "meta_loss" in history[-1]:
+        metrics["final_meta_loss"] = history[-1]["meta_loss"]
+    write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed, config={**cfg, "method": method},
+                  setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"])
+    print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
+          f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")
+    return metrics
+
+
+def plot_curves(cfg: dict, seed: int, curves: dict[str, dict]) -> None:
+    """Validation accuracy and learned FWT scale per epoch, one line per method."""
+    import matplotlib.pyplot as plt
+    fig, (ax_acc, ax_fwt) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for method, metrics in curves.items():
+        epochs = range(1, len(metrics["val_acc_curve"]) + 1)
+        ax_acc.plot(epochs, metrics["val_acc_curve"], label=method)
+        ax_fwt.plot(epochs, metrics["fwt_gamma_scale_curve"], label=method)
+    ax_acc.set(xlabel="epoch", ylabel="miniImagenet val accuracy (%)")
+    ax_fwt.set(xlabel="epoch", ylabel="mean softplus(theta_gamma)")
+    ax_acc.legend(fontsize=7)
+    fig.suptitle(setting_of(cfg), fontsize=8)
+    save_figure(fig, Path(cfg["out"]) / "figures" / f"{EXPERIMENT}_{cfg['testset']}_seed{seed}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_config(argv)
+    device = select_device(args.device)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("seed", "seeds", "resume", "stage", "methods")}
+    ckpt_dir = Path(args.out) / "checkpoints"
+    run_stage = lambda name: args.stage in ("all", name)  # noqa: E731
+    for seed in seeds_of(args):
+        seed_everything(seed)
+        tag = f"{args.backbone}_w{args.width}_{args.image_size}px_{'embedded' if args.data_root is None else 'real'}"
+        pretrain_ckpt = ckpt_dir / f"pretrain_{tag}_seed{seed}.pt"
+        if run_stage("pretrain"):
+            pretrain(cfg, seed, device, pretrain_ckpt, args.resume)
+        curves = {}
+        for method in args.methods:
+            ckpt = ckpt_dir / f"{method}_{args.testset}_{args.head}_{args.n_shot}shot_{tag}_seed{seed}.pt"
+            if run_stage("train"):
+                seed_everything(seed)
+                train_method(cfg, method, seed, device, pretrain_ckpt, ckpt, args.resume)
+            if run_stage("eval"):
+                curves[method] = eval_method(cfg, method, seed, device, ckpt)
+        if curves:
+            plot_curves(cfg, seed, curves)
+
+
+if __name__ == "__main__":
+    run_cli(main)
