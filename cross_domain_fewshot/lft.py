@@ -52,7 +52,8 @@ class LFTTrainer:
         lr: Adam learning rate of θ; also σ of EvoGrad and η of the second-order virtual step.
         fwt_lr, fwt_weight_decay: Adam settings of λ.
         n_candidates, temperature: EvoGrad's K and τ.
-        generator: seeds the FWT noise and EvoGrad's perturbations.
+        generator: seeds EvoGrad's perturbations; the FWT noise seeds come from a second generator
+            seeded from it, so that every method sees the same FWT noise sequence.
         aux_classifier: optional linear layer over pooled backbone features (pretraining classes).
     """
 
@@ -64,6 +65,7 @@ class LFTTrainer:
         self.model, self.method, self.estimator = model, method, METHODS[method]
         self.aux_classifier = aux_classifier
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.fwt_generator = torch.Generator().manual_seed(self.generator.initial_seed() + 1)
         model_params = [p for n, p in model.named_parameters() if not is_fwt_param(n)]
         if aux_classifier is not None:
             model_params += list(aux_classifier.parameters())
@@ -80,7 +82,7 @@ class LFTTrainer:
         model = self.model
         model.train()
         use_fwt = self.estimator is not None
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.fwt_generator))
         self.model_optim.zero_grad(set_to_none=True)
         with feature_transform(model, use_fwt, seed):
             model_loss = episode_loss(model, None, seen, n_shot)
@@ -117,12 +119,14 @@ class LFTTrainer:
 
     def state_dict(self) -> dict:
         return {"model_optim": self.model_optim.state_dict(), "fwt_optim": self.fwt_optim.state_dict(),
-                "generator": self.generator.get_state(), "steps": self.steps}
+                "generator": self.generator.get_state(), "fwt_generator": self.fwt_generator.get_state(),
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.model_optim.load_state_dict(state["model_optim"])
         self.fwt_optim.load_state_dict(state["fwt_optim"])
         self.generator.set_state(state["generator"])
+        self.fwt_generator.set_state(state["fwt_generator"])
         self.steps = state["steps"]
 
 

@@ -180,7 +180,7 @@ def test_second_order_hypergradient_matches_finite_differences():
     trainer = LFTTrainer(model, "lft_second_order", lr=0.05, generator=torch.Generator().manual_seed(0))
     trainer.model_optim = torch.optim.SGD(trainer.model_optim.param_groups[0]["params"], lr=0.0)  # keep θ fixed
     trainer.fwt_optim = torch.optim.SGD(trainer.fwt_params, lr=0.0)
-    seed_state = trainer.generator.get_state()
+    seed_state = trainer.fwt_generator.get_state()
     trainer.step(seen, unseen, n_shot=1)
     target = trainer.fwt_params[0]
     analytic = target.grad.flatten()[0].item()
