@@ -1,0 +1,262 @@
+"""PAN-X / WikiAnn NER data: reader, embedded synthetic languages, tokenisation and batching.
+
+File format (XTREME PAN-X): one ``lang:token<TAB>tag`` per line, a blank line between sentences,
+tags from ``LABELS``. A language's splits are read from ``<root>/<lang>/<split>`` (the layout of
+the extracted PAN-X archives) or ``<root>/<split>-<lang>.tsv``.
+
+Without a data root, ``write_synthetic_panx`` generates a small multilingual tagging task
+deterministically in the same format, which is then read back through ``read_panx``.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from common.runtime import DataError
+
+LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+LABEL_TO_ID = {tag: i for i, tag in enumerate(LABELS)}
+IGNORE_INDEX = -100  # sub-tokens after the first of a word, special tokens, padding
+SPLITS = ("train", "dev", "test")
+Sentence = tuple[list[str], list[str]]  # (words, tags)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+def read_panx(path: str | Path, lang: str | None = None) -> list[Sentence]:
+    """Read one PAN-X file into sentences.
+
+    Args:
+        path: the file.
+        lang: if given, a leading ``lang:`` is stripped from every token.
+
+    Returns:
+        A list of ``(words, tags)``, each a non-empty list of equal length.
+
+    Raises:
+        DataError: if the file is missing, holds no sentence, or a line is not ``token<TAB>tag``
+            with a known tag.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"PAN-X file {path} not found: put the XTREME PAN-X (WikiAnn) files under "
+                        "--data-root as <lang>/<split> or <split>-<lang>.tsv, or omit --data-root "
+                        "for the embedded synthetic data")
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    prefix = f"{lang}:" if lang else None
+    with path.open(encoding="utf-8") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                if words:
+                    sentences.append((words, tags))
+                    words, tags = [], []
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0] or parts[1] not in LABEL_TO_ID:
+                raise DataError(f"{path}:{lineno}: malformed line {line!r}; expected "
+                                f"'lang:token<TAB>tag' with tag in {list(LABELS)}")
+            token = parts[0][len(prefix):] if prefix and parts[0].startswith(prefix) else parts[0]
+            if not token:
+                raise DataError(f"{path}:{lineno}: empty token in line {line!r}")
+            words.append(token)
+            tags.append(parts[1])
+    if words:
+        sentences.append((words, tags))
+    if not sentences:
+        raise DataError(f"PAN-X file {path} holds no sentence (empty file?)")
+    return sentences
+
+
+def panx_path(root: str | Path, lang: str, split: str) -> Path:
+    """``<root>/<lang>/<split>`` if it exists, else ``<root>/<split>-<lang>.tsv``."""
+    root = Path(root)
+    nested = root / lang / split
+    return nested if nested.is_file() else root / f"{split}-{lang}.tsv"
+
+
+def load_language(root: str | Path, lang: str, splits: tuple[str, ...] = SPLITS) -> dict[str, list[Sentence]]:
+    """All ``splits`` of one language, read with ``read_panx``."""
+    return {split: read_panx(panx_path(root, lang, split), lang) for split in splits}
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded synthetic languages
+# ---------------------------------------------------------------------------------------------
+
+_CONTEXT = ["the", "a", "of", "and", "was", "is", "with", "from", "to", "by", "new", "old", "first",
+            "team", "city", "year", "after", "before", "then", "also", "great", "small", "north", "river"]
+_TRIGGERS = {"PER": ["mister", "doctor", "singer", "king"], "ORG": ["company", "club", "party", "bank"],
+             "LOC": ["in", "near", "town", "province"]}
+
+
+def _names(rng: random.Random, count: int) -> list[str]:
+    syllables = ["ka", "lo", "mi", "ra", "tu", "se", "no", "vi", "da", "pe", "zu", "ho", "ri", "ba", "ne"]
+    return sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 3))) for _ in range(count)})
+
+
+def _synthetic_sentence(rng: random.Random, names: dict[str, list[str]], lexicon: dict[str, str],
+                        postposition: bool) -> Sentence:
+    """Context words around 1-3 entities; each entity is announced by a type trigger word.
+
+    The source language puts the trigger before the entity; the target (``postposition``) after
+    it and translates context and trigger words through ``lexicon``. Entity names are shared.
+    """
+    words, tags = [], []
+    for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(0, 3)):
+            words.append(lexicon[rng.choice(_CONTEXT)])
+            tags.append("O")
+        kind = rng.choice(sorted(_TRIGGERS))
+        entity = [rng.choice(names[kind]) for _ in range(rng.randint(1, 2))]
+        trigger = lexicon[rng.choice(_TRIGGERS[kind])]
+        span = ([f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1))
+        if postposition:
+            words += entity + [trigger]
+            tags += span + ["O"]
+        else:
+            words += [trigger] + entity
+            tags += ["O"] + span
+    words.append(lexicon[rng.choice(_CONTEXT)])
+    tags.append("O")
+    return words, tags
+
+
+def write_synthetic_panx(root: str | Path, source: str, target: str, sizes: dict[str, dict[str, int]]) -> Path:
+    """Write a deterministic synthetic source/target language pair in PAN-X format.
+
+    Both languages tag the same entity names (PER, ORG, LOC); the target renames a third of the
+    context and trigger words kept and moves triggers behind entities: a shared structure that a
+    transformation of source representations can map onto the target.
+
+    Args:
+        root: output folder; files go to ``<root>/<lang>/<split>``.
+        source, target: language codes (also seed the target's lexicon).
+        sizes: ``{lang: {split: n_sentences}}``.
+
+    Returns:
+        ``root``.
+    """
+    root = Path(root)
+    rng = random.Random(0)
+    names = {kind: _names(rng, 30) for kind in sorted(_TRIGGERS)}
+    vocabulary = _CONTEXT + [w for ws in _TRIGGERS.values() for w in ws]
+    target_rng = random.Random(zlib.crc32(target.encode()))
+    lexicons = {source: {w: w for w in vocabulary},
+                target: {w: (w if target_rng.random() < 0.35 else w[::-1] + "q") for w in vocabulary}}
+    for lang in (source, target):
+        for split, count in sizes[lang].items():
+            split_rng = random.Random(zlib.crc32(f"{lang}/{split}".encode()))
+            lines = []
+            for _ in range(count):
+                words, tags = _synthetic_sentence(split_rng, names, lexicons[lang], postposition=lang == target)
+                lines += [f"{lang}:{w}\t{t}" for w, t in zip(words, tags)] + [""]
+            path = root / lang / split
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation and batching
+# ---------------------------------------------------------------------------------------------
+
+def build_vocab(sentences: list[Sentence]) -> dict[str, int]:
+    """Whole-word vocabulary with XLM-R's special-token ids: <s> 0, <pad> 1, </s> 2, <unk> 3."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for words, _ in sentences:
+        for w in words:
+            vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def word_level_tokenizer(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
+    """A fast whole-word tokenizer (one sub-token per word, unseen words -> <unk>) over ``vocab``.
+
+    It follows XLM-R's conventions (``<s> words </s>``, same special ids), so the tiny model and
+    the real tokenizer go through the same encoding code.
+    """
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def align_labels(word_ids: list[int | None], word_label_ids: list[int]) -> list[int]:
+    """Token labels from word labels: the first sub-token of a word gets its label, others ignored.
+
+    Args:
+        word_ids: for each sub-token, the index of its word or None (special tokens), as from a
+            fast tokenizer's ``word_ids()``.
+        word_label_ids: the label id of each word.
+
+    Returns:
+        One label per sub-token, ``IGNORE_INDEX`` except on first sub-tokens.
+    """
+    labels, previous = [], None
+    for wid in word_ids:
+        labels.append(word_label_ids[wid] if wid is not None and wid != previous else IGNORE_INDEX)
+        previous = wid
+    return labels
+
+
+@dataclass
+class Encoded:
+    """One sentence as model input: ``input_ids`` and aligned ``labels`` (same length)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_words: int
+
+
+def encode(tokenizer, sentences: list[Sentence], max_length: int) -> list[Encoded]:
+    """Tokenise word lists (truncating to ``max_length`` sub-tokens) and align labels."""
+    out = []
+    for words, tags in sentences:
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        labels = align_labels(enc.word_ids(), [LABEL_TO_ID[t] for t in tags])
+        out.append(Encoded(list(enc["input_ids"]), labels, len(words)))
+    return out
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Pad to the longest item: ``input_ids``, ``attention_mask``, ``labels``, each [B, T]."""
+    length = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[i, :n] = torch.tensor(it.input_ids)
+        labels[i, :n] = torch.tensor(it.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad_id: int):
+    """Shuffled batches covering ``items`` once (the last one may be smaller)."""
+    order = torch.randperm(len(items), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        yield collate([items[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def cycle_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad_id: int):
+    """Endless shuffled full batches (reshuffled every pass), for the small target set."""
+    while True:
+        order = torch.randperm(len(items), generator=generator).tolist()
+        order += order[: (-len(order)) % batch_size]  # wrap so every batch is full
+        for start in range(0, len(order), batch_size):
+            yield collate([items[i] for i in order[start:start + batch_size]], pad_id)

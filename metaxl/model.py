@@ -1,0 +1,286 @@
+"""XLM-R token classifier with a representation transformation network (RTN), and the MetaXL steps.
+
+MetaXL (Xia et al., NAACL 2021): source-language hidden states after transfer layer l are passed
+through the RTN, h ← h + g ⊙ t with [t, g_logit] = W2 ReLU(W1 h), g = sigmoid(g_logit), and the rest
+of the encoder and the classifier run on them. Target-language batches bypass the RTN. The main
+model θ is trained on L_train(θ, φ) = L_source(θ, φ) + L_target(θ); the RTN φ is meta-learned so
+that a step on L_train lowers the loss on another target batch:
+
+    metaxl          θ' = θ − η ∇θ L_train(θ, φ),  φ ← φ − β ∇φ L_meta(θ')   (second order, all of θ)
+    metaxl_evograd  EvoGrad on the classifier head only: the encoder runs once under the RTN and
+                    the K perturbed heads are evaluated on its output.
+
+The layer split is a forward hook on the output of encoder layer l (l = 0: the embeddings), so
+the Hugging Face model, its masks and ``torch.func.functional_call`` are used unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from seqeval.metrics import f1_score, precision_score, recall_score
+from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForTokenClassification
+
+from common.evograd import functional_forward
+from common.hypergrad import meta_backward
+from common.runtime import CLIError
+from metaxl.data import IGNORE_INDEX, LABELS, Sentence, collate, encode, word_level_tokenizer
+
+Batch = Mapping[str, Tensor]
+TINY = "tiny"
+
+
+class RepresentationTransformation(nn.Module):
+    """Bottleneck MLP hidden → bottleneck → hidden + 1 whose last output gates the transformation.
+
+    ``forward(h) = h + sigmoid(z_H) · z_{:H}`` with ``z = W2 ReLU(W1 h)``; the MLP reads ``h``
+    detached, as in the MetaXL code, so the RTN is fed by, but does not backpropagate into, the
+    layers below it.
+    """
+
+    def __init__(self, hidden_size: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden_size + 1)
+        for layer in (self.down, self.up):
+            nn.init.xavier_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        z = self.up(F.relu(self.down(hidden.detach())))  # [B, T, H + 1]
+        return hidden + torch.sigmoid(z[..., -1:]) * z[..., :-1]
+
+
+TINY_LAYERS = 4
+
+
+def tiny_config(vocab_size: int, max_length: int) -> XLMRobertaConfig:
+    """A small random XLM-R (``TINY_LAYERS`` layers of width 64) for offline runs and tests."""
+    return XLMRobertaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=max_length + 2, type_vocab_size=1,
+                            pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+
+
+def base_config() -> XLMRobertaConfig:
+    """The ``xlm-roberta-base`` architecture (vocabulary 250,002), for random-init benchmarks."""
+    return XLMRobertaConfig(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                            pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+
+
+def build_tagger(model: str | XLMRobertaConfig) -> XLMRobertaForTokenClassification:
+    """Token classifier over ``LABELS``: from a config (random init), a hub name or a local directory.
+
+    Eager attention is used so that the second-order method can differentiate twice.
+
+    Raises:
+        CLIError: if pretrained weights cannot be loaded (offline, wrong path).
+    """
+    if isinstance(model, XLMRobertaConfig):
+        model.num_labels = len(LABELS)
+        model._attn_implementation = "eager"
+        return XLMRobertaForTokenClassification(model)
+    try:
+        return XLMRobertaForTokenClassification.from_pretrained(model, num_labels=len(LABELS),
+                                                                attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        where = "directory" if Path(model).exists() else "hub model"
+        raise CLIError(f"cannot load XLM-R {where} {model!r} ({str(err).splitlines()[0]}); "
+                       "use --model tiny offline") from None
+
+
+@contextmanager
+def transformed(model: XLMRobertaForTokenClassification, rtn: nn.Module | None, layer: int) -> Iterator[None]:
+    """Within the block, hidden states after encoder layer ``layer`` pass through ``rtn``."""
+    if rtn is None:
+        yield
+        return
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer <= n_layers:
+        raise CLIError(f"--transfer_layer must be in 0..{n_layers} for this model, got {layer}")
+    module = model.roberta.embeddings if layer == 0 else model.roberta.encoder.layer[layer - 1]
+    handle = module.register_forward_hook(lambda _mod, _inp, out: rtn(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over labelled sub-tokens; logits [B, T, C], labels [B, T]."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def tagger_loss(model: XLMRobertaForTokenClassification, batch: Batch, params: Mapping[str, Tensor] | None = None,
+                rtn: nn.Module | None = None, layer: int = 12) -> Tensor:
+    """Token loss of ``model`` (with ``params`` in place of its own, if given) on ``batch``."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with transformed(model, rtn, layer):
+        out = model(**inputs) if params is None else functional_forward(model, params, **inputs)
+    return token_loss(out.logits, batch["labels"])
+
+
+def training_loss(model, source: Batch, target: Batch, rtn: nn.Module | None, layer: int,
+                  params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """L_train = L_source (through the RTN, if any) + L_target (never through it)."""
+    return tagger_loss(model, source, params, rtn, layer) + tagger_loss(model, target, params)
+
+
+def main_update(model, optimizer: torch.optim.Optimizer, scheduler, source: Batch, target: Batch,
+                rtn: nn.Module | None, layer: int, max_grad_norm: float) -> float:
+    """One optimiser step of the main model on L_train (the RTN is held fixed)."""
+    loss = training_loss(model, source, target, rtn, layer)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for p in model.parameters() if p.requires_grad])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def metaxl_meta_step(estimator: str, model, rtn: nn.Module, source: Batch, target: Batch, meta: Batch,
+                     layer: int, inner_lr: float, **options) -> float:
+    """Hypergradient of L_meta w.r.t. the RTN through a virtual update of the whole main model.
+
+    ``estimator`` is a second-order-style key of ``common.hypergrad.ESTIMATORS`` (``second_order``:
+    one differentiable SGD step through ``higher``). Accumulates into the RTN's ``.grad``;
+    the main model's weights and ``.grad`` are untouched. Returns L_meta at the virtual step.
+    """
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return meta_backward(
+        estimator, params, list(rtn.parameters()),
+        lambda p: training_loss(model, source, target, rtn, layer, params=p),
+        lambda p: tagger_loss(model, meta, p),
+        inner_lr=inner_lr, **options)
+
+
+def encoder_features(model, batch: Batch, rtn: nn.Module | None = None, layer: int = 12) -> Tensor:
+    """Dropout(encoder output) [B, T, H], with the main model's weights as constants.
+
+    Only the RTN (if given) is in the graph, so a backward pass reaches nothing else.
+    """
+    frozen = {n: p.detach() for n, p in model.roberta.named_parameters()}
+    with transformed(model, rtn, layer):
+        hidden = functional_forward(model.roberta, frozen, input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.dropout(hidden)
+
+
+def metaxl_evograd_meta_step(estimator: str, model, rtn: nn.Module, source: Batch, target: Batch, meta: Batch,
+                             layer: int, **options) -> float:
+    """EvoGrad hypergradient for the RTN, perturbing only the classifier head.
+
+    The encoder runs once per batch (source under the RTN, keeping its graph; target and meta
+    batches without a graph); every candidate head ``θ_k`` is then a linear map applied to those
+    features. Accumulates into the RTN's ``.grad``; the main model is untouched.
+    """
+    source_h = encoder_features(model, source, rtn, layer)
+    with torch.no_grad():
+        target_h = encoder_features(model, target)
+        meta_h = encoder_features(model, meta)
+
+    def head_loss(head: Mapping[str, Tensor], hidden: Tensor, batch: Batch) -> Tensor:
+        return token_loss(F.linear(hidden, head["weight"], head["bias"]), batch["labels"])
+
+    head = {n: p.detach() for n, p in model.classifier.named_parameters()}
+    return meta_backward(
+        estimator, head, list(rtn.parameters()),
+        lambda p: head_loss(p, source_h, source) + head_loss(p, target_h, target),
+        lambda p: head_loss(p, meta_h, meta), **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# one training iteration of each method, evaluation, tokenizers
+# ---------------------------------------------------------------------------------------------
+
+METHODS = ("joint_training", "metaxl", "metaxl_evograd")
+
+
+@dataclass
+class StepConfig:
+    """What one iteration needs besides the model, optimisers and batches (see train.py's flags)."""
+
+    transfer_layer: int = 12
+    max_grad_norm: float = 10.0
+    metaxl_estimator: str = "second_order"
+    evograd_estimator: str = "evograd"
+    n_candidates: int = 2
+    sigma: float = 1e-3
+    temperature: float = 0.05
+
+
+def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, scheduler, meta_optimizer,
+                    source: Batch, target: Batch, meta: Batch | None, cfg: StepConfig,
+                    generator: torch.Generator | None = None) -> dict[str, float]:
+    """One iteration: (meta methods) update the RTN on the meta batch, then update the main model.
+
+    The virtual step of ``metaxl`` uses the main model's current learning rate, as in MetaXL.
+
+    Returns:
+        ``{"train_loss": L_train before the main update, "meta_loss": L_meta (NaN for joint_training)}``.
+    """
+    meta_loss = float("nan")
+    if method != "joint_training":
+        meta_optimizer.zero_grad(set_to_none=True)
+        if method == "metaxl":
+            meta_loss = metaxl_meta_step(cfg.metaxl_estimator, model, rtn, source, target, meta, cfg.transfer_layer,
+                                         inner_lr=scheduler.get_last_lr()[0], inner_steps=1)
+        elif method == "metaxl_evograd":
+            meta_loss = metaxl_evograd_meta_step(
+                cfg.evograd_estimator, model, rtn, source, target, meta, cfg.transfer_layer,
+                n_candidates=cfg.n_candidates, sigma=cfg.sigma, temperature=cfg.temperature, generator=generator)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        meta_optimizer.step()
+    train_loss = main_update(model, optimizer, scheduler, source, target, rtn, cfg.transfer_layer, cfg.max_grad_norm)
+    return {"train_loss": train_loss, "meta_loss": meta_loss}
+
+
+def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def load_tokenizer(model_name: str, vocab: dict[str, int] | None = None):
+    """The whole-word tokenizer over ``vocab`` for ``tiny``, else the model's fast tokenizer.
+
+    Raises:
+        CLIError: if the tokenizer cannot be loaded (offline, wrong path).
+    """
+    if model_name == TINY:
+        return word_level_tokenizer(vocab)
+    try:
+        return AutoTokenizer.from_pretrained(model_name, use_fast=True)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load the tokenizer of {model_name!r} ({str(err).splitlines()[0]}); "
+                       "use --model tiny offline") from None
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, sentences: list[Sentence], max_length: int, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (in %, ``seqeval``) of the tags at first sub-tokens.
+
+    Words cut off by ``max_length`` are predicted ``O``.
+    """
+    items = encode(tokenizer, sentences, max_length)
+    was_training = model.training
+    model.eval()
+    predicted = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        best = logits.argmax(-1).cpu()  # [B, T]
+        for i, item in enumerate(chunk):
+            tags = [LABELS[k] for k in best[i][batch["labels"][i] != IGNORE_INDEX].tolist()]
+            predicted.append(tags + ["O"] * (item.n_words - len(tags)))
+    model.train(was_training)
+    gold = [tags for _, tags in sentences]
+    return {"precision": 100 * precision_score(gold, predicted), "recall": 100 * recall_score(gold, predicted),
+            "f1": 100 * f1_score(gold, predicted)}

@@ -1,0 +1,203 @@
+"""MetaXL low-resource cross-lingual NER on XLM-R: joint training, MetaXL and MetaXL with EvoGrad.
+
+    python -m metaxl.train --quick --out results/metaxl                  # tiny model, synthetic data
+    python -m metaxl.train --data-root data/panx_dataset --targets qu    # paper setting (needs the
+                                                                         # PAN-X files and xlm-roberta-base)
+
+For each target language, seed and method: train for ``--epochs`` passes over ``--train_size``
+source sentences, drawing target batches from ``--target_train_size`` target sentences; evaluate
+entity F1 on the target dev and test sets after every epoch; write one results JSON (test F1 at
+the best dev epoch), a checkpoint per epoch (``--resume`` continues), and a dev-F1 figure.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.hypergrad import ESTIMATORS
+from common.plotting import save_figure
+from common.profiling import EfficiencyMeter
+from common.results import load_checkpoint, results_path, save_checkpoint, write_results
+from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
+                            seed_everything, seeds_of, select_device)
+from metaxl.data import build_vocab, cycle_batches, encode, epoch_batches, load_language, write_synthetic_panx
+from metaxl.model import (METHODS, TINY, TINY_LAYERS, RepresentationTransformation, StepConfig, build_tagger, evaluate,
+                          load_tokenizer, tiny_config, to_device, train_iteration)
+
+PAPER_TARGETS = ("qu", "cdo", "ilo", "xmf", "mhr", "mi", "tk", "gn")
+SYNTHETIC_EVAL_SIZES = {"dev": 100, "test": 300}
+QUICK = {"model": TINY, "transfer_layer": TINY_LAYERS, "train_size": 300, "epochs": 3, "lr": 2e-3, "meta_lr": 1e-3,
+         "bottle_size": 32, "max_seq_length": 64, "eval_max_seq_length": 64}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m metaxl.train", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
+    p.add_argument("--model", default="xlm-roberta-base", help="hub name, local directory, or 'tiny' (random, offline)")
+    p.add_argument("--source", default="en", help="auxiliary (source) language")
+    p.add_argument("--targets", nargs="+", default=list(PAPER_TARGETS), help="target languages, one run each")
+    p.add_argument("--train_size", type=positive(int), default=5000, help="source sentences used")
+    p.add_argument("--target_train_size", type=positive(int), default=100, help="target training sentences used")
+    p.add_argument("--batch_size", type=positive(int), default=12, help="sentences per batch (source and target)")
+    p.add_argument("--lr", type=positive(), default=3e-5, help="main model learning rate (AdamW)")
+    p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear lr warm-up")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the main model")
+    p.add_argument("--meta_lr", type=positive(), default=1e-6, help="RTN learning rate (Adam)")
+    p.add_argument("--epochs", type=positive(int), default=20, help="passes over the source sentences")
+    p.add_argument("--max_seq_length", type=positive(int), default=200, help="sub-tokens per training sentence")
+    p.add_argument("--eval_max_seq_length", type=positive(int), default=512, help="sub-tokens per eval sentence")
+    p.add_argument("--eval_batch_size", type=positive(int), default=32, help="sentences per evaluation batch")
+    p.add_argument("--bottle_size", type=positive(int), default=384, help="RTN bottleneck width")
+    p.add_argument("--transfer_layer", type=int, default=12,
+                   help="RTN acts on hidden states after this layer (0 = embeddings; tiny has 4 layers)")
+    p.add_argument("--max_grad_norm", type=positive(), default=10.0, help="gradient clipping of the main model")
+    p.add_argument("--metaxl_estimator", default="second_order",
+                   choices=sorted(k for k in ESTIMATORS if not k.startswith("evograd")),
+                   help="hypergradient of 'metaxl' (virtual step of the whole model)")
+    p.add_argument("--evograd_estimator", default="evograd", choices=sorted(k for k in ESTIMATORS if k.startswith("evograd")),
+                   help="EvoGrad variant of 'metaxl_evograd' (head only)")
+    p.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
+    p.add_argument("--sigma", type=positive(), default=1e-3, help="EvoGrad perturbation scale")
+    p.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature")
+    p.add_argument("--no_figures", action="store_true", help="skip the dev-F1 figures")
+    add_common_args(p, default_seeds=(1,), default_out="results/metaxl")
+    args = p.parse_args(argv)
+    if args.quick:  # quick values become defaults, so flags given explicitly still win
+        p.set_defaults(**QUICK, targets=[args.targets[0]])
+        args = p.parse_args(argv)
+    if not 0 <= args.warmup_ratio < 1:
+        raise CLIError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.n_candidates < 2:
+        raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
+    return args
+
+
+def load_data(args: argparse.Namespace, target: str, scratch: Path) -> dict:
+    """Source train, target train/dev/test sentences (PAN-X files, or the embedded synthetic pair)."""
+    root = args.data_root
+    if root is None:
+        sizes = {args.source: {"train": args.train_size},
+                 target: {"train": args.target_train_size, **SYNTHETIC_EVAL_SIZES}}
+        root = write_synthetic_panx(scratch / target, args.source, target, sizes)
+    source = load_language(root, args.source, ("train",))
+    target_splits = load_language(root, target)
+    return {"lang": target, "source": source["train"][: args.train_size],
+            "target": target_splits["train"][: args.target_train_size], "dev": target_splits["dev"],
+            "test": target_splits["test"]}
+
+
+def lr_schedule(total_steps: int, warmup_ratio: float):
+    """Linear warm-up to the full lr over the first steps (never 0), then linear decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    return lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+
+
+def run_method(args, method: str, seed: int, setting: str, data: dict, device: torch.device) -> dict:
+    """Train one method with one seed; returns the results record's metrics and efficiency."""
+    generator = seed_everything(seed)
+    vocab = build_vocab(data["source"] + data["target"]) if args.model == TINY else None
+    tokenizer = load_tokenizer(args.model, vocab)
+    model_spec = tiny_config(len(vocab), max(args.max_seq_length, args.eval_max_seq_length)) if vocab else args.model
+    model = build_tagger(model_spec).to(device).train()
+    rtn = (RepresentationTransformation(model.config.hidden_size, args.bottle_size).to(device)
+           if method != "joint_training" else None)
+    source_items = encode(tokenizer, data["source"], args.max_seq_length)
+    target_items = encode(tokenizer, data["target"], args.max_seq_length)
+    steps_per_epoch = math.ceil(len(source_items) / args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.epochs * steps_per_epoch, args.warmup_ratio))
+    meta_optimizer = torch.optim.Adam(rtn.parameters(), lr=args.meta_lr) if rtn is not None else None
+    cfg = StepConfig(args.transfer_layer, args.max_grad_norm, args.metaxl_estimator, args.evograd_estimator,
+                     args.n_candidates, args.sigma, args.temperature)
+
+    ckpt_path = Path(args.out) / "checkpoints" / results_path("", "metaxl", setting, method, seed).with_suffix(".pt").name
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rtn": rtn,
+                "meta_optimizer": meta_optimizer}
+    history, start_epoch = [], 0
+    if args.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        for name, obj in stateful.items():
+            if obj is not None:
+                obj.load_state_dict(ckpt[name])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        print(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
+
+    meter = EfficiencyMeter(device, warmup=2)
+    for epoch in range(start_epoch, args.epochs):
+        order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
+        targets = cycle_batches(target_items, args.batch_size, order, tokenizer.pad_token_id)
+        losses = []
+        for step, source_batch in enumerate(progress(epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id),
+                                                     total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")):
+            target_batch = to_device(next(targets), device)
+            meta_batch = to_device(next(targets), device) if rtn is not None else None
+            with meter.step():
+                out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
+                                      to_device(source_batch, device), target_batch, meta_batch, cfg, generator)
+            check_finite(torch.tensor(out["train_loss"]), epoch * steps_per_epoch + step, "training loss")
+            losses.append(out["train_loss"])
+        dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device)
+        test = evaluate(model, tokenizer, data["test"], args.eval_max_seq_length, args.eval_batch_size, device)
+        history.append({"epoch": epoch + 1, "train_loss": statistics.fmean(losses), "dev_f1": dev["f1"],
+                        "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"]})
+        print(f"{setting} {method} seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
+              f"dev F1 {dev['f1']:.2f} test F1 {test['f1']:.2f}", flush=True)
+        save_checkpoint(ckpt_path, {
+            **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()},
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "epoch": epoch + 1, "vocab": vocab, "model_config": model.config.to_dict(), "method": method,
+            "seed": seed, "setting": setting, "target": data["lang"]}, vars(args))
+
+    best = max(history, key=lambda h: h["dev_f1"])
+    metrics = {"test_f1": best["test_f1"], "dev_f1": best["dev_f1"], "best_epoch": best["epoch"],
+               "test_precision": best["test_precision"], "test_recall": best["test_recall"],
+               "test_f1_last": history[-1]["test_f1"], "history": history}
+    return {"metrics": metrics, "efficiency": meter.summary()}
+
+
+def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
+    """Dev F1 per epoch of each method."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, rec in records.items():
+        hist = rec["metrics"]["history"]
+        ax.plot([h["epoch"] for h in hist], [h["dev_f1"] for h in hist], marker="o", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("target dev F1 (%)")
+    ax.legend()
+    save_figure(fig, stem)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = select_device(args.device)
+    kind = "synthetic" if args.data_root is None else "panx"
+    model_name = Path(args.model).name if args.model != TINY else TINY
+    with tempfile.TemporaryDirectory(prefix="metaxl_synthetic_") as scratch:
+        for target in args.targets:
+            data = load_data(args, target, Path(scratch))
+            setting = f"{kind}-{args.source}-{target}-{model_name}"
+            for seed in seeds_of(args):
+                records = {}
+                for method in args.methods:
+                    records[method] = run_method(args, method, seed, setting, data, device)
+                    config = {**vars(args), "method": method, "target": target,
+                              "n_source_sentences": len(data["source"]), "n_target_sentences": len(data["target"])}
+                    path = write_results(args.out, experiment="metaxl", method=method, seed=seed, setting=setting,
+                                         config=config, **records[method])
+                    print(f"wrote {path}")
+                if not args.no_figures:
+                    plot_dev_f1(records, Path(args.out) / f"metaxl_{setting}_seed{seed}_dev_f1")
+
+
+if __name__ == "__main__":
+    run_cli(main)
