@@ -325,14 +325,14 @@ def estimator_settings(problem: StudyProblem, quick: bool = False) -> list[Estim
     evo = problem.evograd_method
     base = {"sigma": 1e-3, "temperature": 0.05, "noise": problem.evograd_noise}
     ks = (2, 10) if quick else EVOGRAD_K
-    settings = [EstimatorSetting(f"evograd K={k}", evo, {**base, "n_candidates": k}, "evograd") for k in ks]
+    settings = [EstimatorSetting(f"{evo} K={k}", evo, {**base, "n_candidates": k}, "evograd") for k in ks]
     other = "evograd" if evo == "evograd_low_memory" else "evograd_low_memory"  # same estimate, other memory
     settings.append(EstimatorSetting(f"{other} K=10", other, {**base, "n_candidates": 10}, "evograd"))
     sigmas = EVOGRAD_SIGMAS[1:2] if quick else EVOGRAD_SIGMAS
-    settings += [EstimatorSetting(f"evograd K=2 sigma={s:g}", evo, {**base, "n_candidates": 2, "sigma": s},
+    settings += [EstimatorSetting(f"{evo} K=2 sigma={s:g}", evo, {**base, "n_candidates": 2, "sigma": s},
                                   "evograd sigma") for s in sigmas]
     temps = EVOGRAD_TEMPERATURES[1:2] if quick else EVOGRAD_TEMPERATURES
-    settings += [EstimatorSetting(f"evograd K=2 tau={t:g}", evo, {**base, "n_candidates": 2, "temperature": t},
+    settings += [EstimatorSetting(f"{evo} K=2 tau={t:g}", evo, {**base, "n_candidates": 2, "temperature": t},
                                   "evograd tau") for t in temps]
     one_step = {"inner_lr": problem.inner_lr, "inner_steps": 1}
     settings += [EstimatorSetting("second_order", "second_order", one_step, "one-step"),
@@ -470,7 +470,8 @@ def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) ->
                 sem = r["cosine_std"] / math.sqrt(r["draws"])
                 ax.errorbar(x, r["cosine"], yerr=sem, color=color, marker=marker, ms=5, capsize=2,
                             alpha=0.8, label=r["family"])
-                ax.annotate(r["label"].replace("evograd ", "").replace("multistep ", "ms ").replace("unrolled ", ""),
+                short = r["label"].replace("evograd_low_memory", "lowmem").replace("evograd ", "")
+                ax.annotate(short.replace("multistep ", "ms ").replace("unrolled ", ""),
                             (x, r["cosine"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         kind = rows[0]["hyper_kind"] if rows else ""
         for ax, xlabel in ((ax_time, "ms per hypergradient"), (ax_mem, "peak MB above start")):
@@ -539,4 +540,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # run the importable module's main: the study.py files register their problems there, not in __main__
+    run_cli(importlib.import_module("common.hypergrad_study").main)
