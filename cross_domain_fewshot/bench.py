@@ -1,7 +1,7 @@
 """Meta-iteration cost of LFT: second-order vs EvoGrad (and the no-FWT baseline), ResNet10/18/34.
 
     python -m common.bench cross_domain_fewshot --config 0 1 2        # paper shapes (224 px, 5w5s16q)
-    python -m common.bench cross_domain_fewshot --config 3 4 5 ...    # smaller episodes (CPU sweep)
+    python -m common.bench cross_domain_fewshot --config 3 4 5 ...    # smaller episodes (CPU sweep, 3-15)
 
 One step = one full LFT meta-iteration of ``cross_domain_fewshot.lft.LFTTrainer`` on a fixed
 pseudo-seen and a fixed pseudo-unseen episode of random images (no data loading, no auxiliary
@@ -23,6 +23,9 @@ PAPER_CONFIGS = tuple({"backbone": b, **PAPER_SHAPE} for b in ("ResNet10", "ResN
 # and against image side, for the smallest and the largest backbone.
 SWEEP_CONFIGS = tuple({"backbone": b, "image_size": size, "n_way": 5, "n_shot": 5, "n_query": q}
                       for b in ("ResNet10", "ResNet34") for size, q in ((32, 1), (32, 4), (32, 16), (64, 1), (64, 4)))
+# configs 13-15: a larger image for ResNet10, and two points for ResNet18
+SWEEP_CONFIGS += tuple({"backbone": b, "image_size": size, "n_way": 5, "n_shot": 5, "n_query": q}
+                       for b, size, q in (("ResNet10", 128, 1), ("ResNet18", 32, 4), ("ResNet18", 64, 4)))
 
 
 @register_benchmark("cross_domain_fewshot", methods=("lft_second_order", "lft_evograd", "baseline"),

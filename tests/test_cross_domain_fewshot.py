@@ -263,3 +263,18 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
                 *common, "--epochs", "3", cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     assert len(torch.load(ckpt, weights_only=False)["history"]) == 3
+
+
+def test_memory_fit_recovers_a_line_and_extrapolates():
+    from cross_domain_fewshot.memory_fit import PAPER_PIXELS, episode_pixels, fit_rows
+    configs = [{"backbone": "ResNet10", "image_size": s, "n_way": 5, "n_shot": 5, "n_query": q}
+               for s, q in ((32, 1), (64, 4), (128, 1))]
+    rows = [{"config": c, "method": "lft_evograd", "peak_mem_mb": 300.0 + 2e-3 * episode_pixels(c)} for c in configs]
+    rows.append({"config": configs[0], "method": "lft_second_order", "peak_mem_mb": 500.0})  # one size: no fit
+    fits = fit_rows(rows)
+    assert list(fits) == [("ResNet10", "lft_evograd")]
+    fit = fits[("ResNet10", "lft_evograd")]
+    assert episode_pixels(configs[1]) == 5 * 9 * 64 ** 2
+    assert fit["intercept_mb"] == pytest.approx(300.0, rel=1e-6) and fit["mb_per_mpx"] == pytest.approx(2e3, rel=1e-6)
+    assert fit["paper_shape_mb"] == pytest.approx(300.0 + 2e-3 * PAPER_PIXELS + fit["params_mb"], rel=1e-6)
+    assert fit["fits_12gb"] == (fit["paper_shape_mb"] < 12 * 1024)
