@@ -172,9 +172,10 @@ def test_second_order_hypergradient_matches_finite_difference_of_unrolled_step()
 
     train_loss, val_loss = train.make_loss_fns(model, transformer, x, y, val_x, val_y)
     meta_backward("second_order", params, [transformer.angle], train_loss, val_loss, inner_lr=inner_lr)
-    eps = 1e-5
+    # bilinear sampling, ReLU and max-pooling are piecewise smooth: a small step stays on one piece
+    eps = 1e-6
     numeric = (unrolled_val_loss(0.2 + eps) - unrolled_val_loss(0.2 - eps)) / (2 * eps)
-    assert transformer.angle.grad.item() == pytest.approx(numeric, rel=1e-4)
+    assert transformer.angle.grad.item() == pytest.approx(numeric, rel=1e-6)
 
 
 def test_evograd_plain_and_low_memory_paths_agree_on_the_angle():
