@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     train_images = data.train_images[split.train_index]
     meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
     noisy = split.train_labels != split.clean_labels
-    meter = EfficiencyMeter(device, warmup=3)
+    meter = EfficiencyMeter(device, warmup=1)  # first iteration: allocator and thread-pool warm-up
     step = 0
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at(epoch, args.lr, args.milestones)
@@ -219,7 +219,8 @@ def plot_curves(records: list[dict], out: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{EXPERIMENT}: {setting}")
         ax.legend(fontsize=7)
-        save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting}_test_acc")
+        # no "." in the stem: save_figure swaps the suffix
+        save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting.replace('.', 'p')}_test_acc")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

