@@ -16,6 +16,15 @@ from common.hypergrad_study import (ONE_D_TARGET, ProblemInstance, make_ridge_da
                                     one_d_f_second, one_d_instance)
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these tensors are small, and two threads spin badly on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 THETA0, LAM, ETA = 1.7, -0.4, 0.3
 
 

