@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 JITTER_STRENGTH = 0.4   # brightness, contrast and saturation factors drawn from [0.6, 1.4]
 TEST_RESIZE_FACTOR = 1.15  # test images: resize the short side to 1.15·size, then centre-crop
-EMBEDDED_VERSION = 1
+EMBEDDED_VERSION = 2
+EMBEDDED_JPEG_QUALITY = 95
 
 
 @dataclass
@@ -286,8 +288,10 @@ def write_embedded_dataset(root: str | Path, image_size: int = 40, classes_per_s
     """Write the generated image set in file-list format under ``root`` (idempotent).
 
     Five domains named like the real ones, each with base/val/novel splits of disjoint classes,
-    PNG images and ``<domain>/<split>.json`` lists, generated deterministically from ``seed``.
-    A stamp file records the settings; an existing set with the same stamp is reused.
+    JPEG images (as in the real sets; not PNG, which ``common.report`` would list as figures) and
+    ``<domain>/<split>.json`` lists, generated deterministically from ``seed``. A stamp file
+    records the settings; an existing set with the same stamp is reused, one with another stamp
+    is replaced.
 
     Returns:
         ``root`` as a Path.
@@ -296,8 +300,11 @@ def write_embedded_dataset(root: str | Path, image_size: int = 40, classes_per_s
     stamp = {"version": EMBEDDED_VERSION, "image_size": image_size, "classes_per_split": list(classes_per_split),
              "images_per_class": images_per_class, "seed": seed}
     stamp_path = root / "embedded_stamp.json"
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
-        return root
+    if stamp_path.is_file():
+        if json.loads(stamp_path.read_text()) == stamp:
+            return root
+        for domain in DOMAINS:  # an older generated set: replace it, leave nothing else behind
+            shutil.rmtree(root / domain, ignore_errors=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves on a busy machine
     try:
@@ -319,8 +326,8 @@ def _write_domains(root: Path, image_size: int, classes_per_split: tuple[int, in
                 class_seed = seed * 1_000_003 + d * 10_007 + s * 101 + c
                 images = render_class_images(domain, class_seed, images_per_class, image_size)
                 for i, array in enumerate(images.numpy()):
-                    name = f"{split}/c{c:02d}_{i:03d}.png"
-                    Image.fromarray(array).save(root / domain / name)
+                    name = f"{split}/c{c:02d}_{i:03d}.jpg"
+                    Image.fromarray(array).save(root / domain / name, quality=EMBEDDED_JPEG_QUALITY)
                     names.append(name)
                     labels.append(c)
             listing = {"label_names": [f"{domain}_{split}_{c}" for c in range(n_classes)],

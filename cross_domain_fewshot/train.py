@@ -235,7 +235,7 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
 def plot_curves(cfg: dict, seed: int, curves: dict[str, dict]) -> None:
     """Validation accuracy and learned FWT scale per epoch, one line per method."""
     import matplotlib.pyplot as plt
-    fig, (ax_acc, ax_fwt) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax_acc, ax_fwt) = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
     for method, metrics in curves.items():
         epochs = range(1, len(metrics["val_acc_curve"]) + 1)
         ax_acc.plot(epochs, metrics["val_acc_curve"], label=method)

@@ -47,8 +47,12 @@ def test_file_list_reads_generated_folder(tiny_root):
 
 def test_embedded_data_is_deterministic(tmp_path, tiny_root):
     other = write_embedded_dataset(tmp_path / "again", **TINY)
-    for rel in ("places/novel/c03_005.png", "cars/base/c00_000.png"):
+    for rel in ("places/novel/c03_005.jpg", "cars/base/c00_000.jpg"):
         assert torch.equal(load_image(tiny_root / rel), load_image(other / rel))
+    # other settings in the same folder replace the old set instead of mixing with it
+    write_embedded_dataset(other, **{**TINY, "images_per_class": 7})
+    assert len(list((other / "cars" / "base").iterdir())) == 6 * 7
+    assert len(read_file_list(other / "cars" / "base.json").labels) == 6 * 7
 
 
 def test_file_list_errors(tmp_path, tiny_root):
