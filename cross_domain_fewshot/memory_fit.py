@@ -63,6 +63,24 @@ def format_fits(fits: dict) -> str:
     return "\n".join(lines)
 
 
+def format_measured(rows: list[dict], reference: str = "lft_second_order", other: str = "lft_evograd") -> str:
+    """One line per benchmark config: both methods' s/iteration and peak MB side by side, with ratios."""
+    by_config: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        by_config[json.dumps(row["config"], sort_keys=True)][row["method"]] = row
+    lines = ["| backbone | image | queries/class | Mpx/episode | s/it 2nd-order | s/it EvoGrad | time ratio | "
+             "peak MB 2nd-order | peak MB EvoGrad | memory ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for methods in by_config.values():
+        if reference not in methods or other not in methods:
+            continue
+        ref, oth, cfg = methods[reference], methods[other], methods[reference]["config"]
+        mem = (f"{ref['peak_mem_mb']:.0f} | {oth['peak_mem_mb']:.0f} | {oth['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
+               if ref.get("peak_mem_mb") and oth.get("peak_mem_mb") else "n/a | n/a | n/a")
+        lines.append(f"| {cfg['backbone']} | {cfg['image_size']} | {cfg['n_query']} | {episode_pixels(cfg) / 1e6:.2f} | "
+                     f"{ref['time_s']:.2f} | {oth['time_s']:.2f} | {oth['time_s'] / ref['time_s']:.2f} | {mem} |")
+    return "\n".join(lines)
+
+
 def plot_fits(fits: dict, stem: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -94,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fits = fit_rows(rows)
     if not fits:
         raise CLIError("no (backbone, method) with memory measured at two or more episode sizes")
-    table = format_fits(fits)
+    table = format_measured(rows) + "\n\n" + format_fits(fits)
     print(table)
     if args.out:
         Path(args.out).with_suffix(".md").write_text(table + "\n")

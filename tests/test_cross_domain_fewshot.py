@@ -270,7 +270,7 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
 
 
 def test_memory_fit_recovers_a_line_and_extrapolates():
-    from cross_domain_fewshot.memory_fit import PAPER_PIXELS, episode_pixels, fit_rows
+    from cross_domain_fewshot.memory_fit import PAPER_PIXELS, episode_pixels, fit_rows, format_measured
     configs = [{"backbone": "ResNet10", "image_size": s, "n_way": 5, "n_shot": 5, "n_query": q}
                for s, q in ((32, 1), (64, 4), (128, 1))]
     rows = [{"config": c, "method": "lft_evograd", "peak_mem_mb": 300.0 + 2e-3 * episode_pixels(c)} for c in configs]
@@ -282,3 +282,6 @@ def test_memory_fit_recovers_a_line_and_extrapolates():
     assert fit["intercept_mb"] == pytest.approx(300.0, rel=1e-6) and fit["mb_per_mpx"] == pytest.approx(2e3, rel=1e-6)
     assert fit["paper_shape_mb"] == pytest.approx(300.0 + 2e-3 * PAPER_PIXELS + fit["params_mb"], rel=1e-6)
     assert fit["fits_12gb"] == (fit["paper_shape_mb"] < 12 * 1024)
+    pair = [{"config": configs[0], "method": m, "time_s": t, "peak_mem_mb": mb}
+            for m, t, mb in (("lft_second_order", 2.0, 400.0), ("lft_evograd", 1.0, 100.0))]
+    assert format_measured(pair).splitlines()[-1] == "| ResNet10 | 32 | 1 | 0.03 | 2.00 | 1.00 | 0.50 | 400 | 100 | 0.25 |"
