@@ -105,6 +105,9 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     tokenizer = load_tokenizer(args.model, vocab)
     model_spec = tiny_config(len(vocab), max(args.max_seq_length, args.eval_max_seq_length)) if vocab else args.model
     model = build_tagger(model_spec).to(device).train()
+    if not 0 <= args.transfer_layer <= model.config.num_hidden_layers:
+        raise CLIError(f"--transfer_layer must be in 0..{model.config.num_hidden_layers} for {args.model}, "
+                       f"got {args.transfer_layer}")
     rtn = (RepresentationTransformation(model.config.hidden_size, args.bottle_size).to(device)
            if method != "joint_training" else None)
     source_items = encode(tokenizer, data["source"], args.max_seq_length)
@@ -172,6 +175,7 @@ def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
         hist = rec["metrics"]["history"]
         ax.plot([h["epoch"] for h in hist], [h["dev_f1"] for h in hist], marker="o", label=method)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("target dev F1 (%)")
     ax.legend()
     save_figure(fig, stem)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from common.runtime import CLIError, DataError  # noqa: E402
+from common.runtime import CLIError, DataError, run_cli  # noqa: E402
 from metaxl import eval as metaxl_eval  # noqa: E402
 from metaxl import train as metaxl_train  # noqa: E402
 from metaxl.data import (IGNORE_INDEX, LABEL_TO_ID, align_labels, build_vocab, collate, encode,  # noqa: E402
@@ -223,13 +223,19 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def test_train_help_and_bad_arguments_exit_2():
-    assert _run("metaxl.train", "--help").returncode == 0
-    bad = _run("metaxl.train", "--quick", "--transfer_layer", "20", "--out", "/tmp/unused_metaxl")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "transfer_layer" in bad.stderr
-    missing = _run("metaxl.train", "--quick", "--data-root", "/nonexistent/panx")
-    assert missing.returncode == 2 and "not found" in missing.stderr and bad.stderr.count("\n") == 1
-    assert _run("metaxl.eval", "--checkpoint", "/nonexistent.pt").returncode == 2
+def test_train_help_and_bad_arguments_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as help_exit:
+        metaxl_train.main(["--help"])
+    assert help_exit.value.code == 0 and "--bottle_size" in capsys.readouterr().out
+    for argv, message in ((["--quick", "--transfer_layer", "20", "--methods", "metaxl"], "transfer_layer must be in 0..4"),
+                          (["--quick", "--data-root", str(tmp_path / "no_panx")], "not found"),
+                          (["--quick", "--warmup_ratio", "1.5"], "warmup_ratio")):
+        with pytest.raises(SystemExit) as bad_exit:
+            run_cli(metaxl_train.main, [*argv, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert bad_exit.value.code == 2 and message in err and err.strip().count("\n") == 0, err
+    no_ckpt = _run("metaxl.eval", "--checkpoint", str(tmp_path / "none.pt"))  # the real entry point
+    assert no_ckpt.returncode == 2 and "no checkpoint" in no_ckpt.stderr
 
 
 TINY_RUN = ["--model", "tiny", "--train_size", "24", "--target_train_size", "12", "--epochs", "1", "--batch_size", "6",
