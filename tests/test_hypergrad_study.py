@@ -12,17 +12,9 @@ from common.hypergrad_study import (PROBLEMS, StudyProblem, build_one_d, build_r
                                     fidelity, make_ridge_data, main, one_d_f, run_problem)
 from common.results import REQUIRED_KEYS
 from common.runtime import run_cli
+from test_estimators import one_thread  # noqa: F401  (autouse fixture: one torch thread here too)
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these tensors are small, and two threads spin badly on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fidelity_metrics_on_known_vectors():
