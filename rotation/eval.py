@@ -98,31 +98,34 @@ def summarise(folder: str | Path, setting: str | None = None) -> str:
 
 
 def plot_scaling(bench_file: str | Path, stem: str | Path) -> list[Path]:
-    """From a bench JSON file: time and peak memory against parameter count (K = 2), and against K (width 1)."""
+    """From a bench JSON file: time and peak memory against parameter count (K = 2), and the time
+    ratio to the second-order step (same config, interleaved, so machine-load drift cancels) against K."""
     rows = json.loads(Path(bench_file).read_text())["rows"]
     fig, (ax_time, ax_mem, ax_k) = plt.subplots(1, 3, figsize=(15, 3.8))
     by_width: dict[str, list[tuple[int, float, float | None]]] = defaultdict(list)
-    by_k: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    by_k: dict[int, dict[str, float]] = defaultdict(dict)
     for row in rows:
         config = row["config"]
         k, width = config.get("k", 2), config.get("width", 1)
         if k == 2:
             by_width[row["method"]].append((n_parameters(LeNet(width)), row["time_s"], row.get("peak_mem_mb")))
         if width == 1:
-            by_k[row["method"]].append((k, row["time_s"]))
+            by_k[k][row["method"]] = row["time_s"]
     for method, points in sorted(by_width.items()):
         points.sort()
         ax_time.plot([p for p, _, _ in points], [t for _, t, _ in points], marker="o", label=method)
         mem = [(p, m) for p, _, m in points if m is not None]
         if mem:
             ax_mem.plot(*zip(*mem), marker="o", label=method)
-    for method, points in sorted(by_k.items()):
-        points = sorted(dict(points).items())  # second-order rows repeat per K config: keep one per K
+    for method in sorted({m for times in by_k.values() for m in times if m.startswith("evograd")}):
+        points = [(k, times[method] / times["second_order"]) for k, times in sorted(by_k.items())
+                  if method in times and times.get("second_order")]
         ax_k.plot(*zip(*points), marker="o", label=method)
+    ax_k.axhline(1.0, color="k", linestyle="--", linewidth=0.8, label="second_order")
     for ax, ylabel in ((ax_time, "seconds / iteration (K = 2)"), (ax_mem, "peak memory above start, MB (K = 2)")):
         ax.set(xscale="log", yscale="log", xlabel="LeNet parameters", ylabel=ylabel)
         ax.legend(fontsize=8)
-    ax_k.set(xlabel="K (EvoGrad candidates), width 1", ylabel="seconds / iteration")
+    ax_k.set(xlabel="K (EvoGrad candidates), width 1", ylabel="time / second-order time")
     ax_k.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, stem)
