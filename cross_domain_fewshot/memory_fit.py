@@ -2,6 +2,11 @@
 
     python -m cross_domain_fewshot.memory_fit results/cross_domain_fewshot/bench_*.json \
         --out results/cross_domain_fewshot/memory_fit
+    python -m cross_domain_fewshot.memory_fit --measure '{"backbone": "ResNet10", "image_size": 224, \
+        "n_way": 5, "n_shot": 5, "n_query": 1}' lft_evograd --append results/cross_domain_fewshot/mem_224.json
+
+``--measure`` runs one method's memory alone (a fresh ``common.bench`` memory worker, one step, no
+timing) and appends the row to a bench-format JSON, for episodes too slow to time here.
 
 For every (backbone, method) it fits peak memory (MB above the level before the measured steps)
 as a + b·P by least squares, where P is the pixels per episode, n_way·(n_shot + n_query)·side²
@@ -19,8 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from torch import device as torch_device
 
+from common.bench import measure_memory
 from common.plotting import save_figure
+from common.results import atomic_write_json
 from common.runtime import CLIError, run_cli
 from cross_domain_fewshot.models import build_model
 
@@ -76,8 +84,10 @@ def format_measured(rows: list[dict], reference: str = "lft_second_order", other
         ref, oth, cfg = methods[reference], methods[other], methods[reference]["config"]
         mem = (f"{ref['peak_mem_mb']:.0f} | {oth['peak_mem_mb']:.0f} | {oth['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
                if ref.get("peak_mem_mb") and oth.get("peak_mem_mb") else "n/a | n/a | n/a")
+        times = (f"{ref['time_s']:.2f} | {oth['time_s']:.2f} | {oth['time_s'] / ref['time_s']:.2f}"
+                 if ref.get("time_s") and oth.get("time_s") else "not timed | not timed | n/a")
         lines.append(f"| {cfg['backbone']} | {cfg['image_size']} | {cfg['n_query']} | {episode_pixels(cfg) / 1e6:.2f} | "
-                     f"{ref['time_s']:.2f} | {oth['time_s']:.2f} | {oth['time_s'] / ref['time_s']:.2f} | {mem} |")
+                     f"{times} | {mem} |")
     return "\n".join(lines)
 
 
@@ -100,9 +110,24 @@ def plot_fits(fits: dict, stem: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.memory_fit", description=__doc__.split("\n")[0])
-    parser.add_argument("bench_json", nargs="+", help="files written by python -m common.bench ... --out")
+    parser.add_argument("bench_json", nargs="*", help="files written by python -m common.bench ... --out")
     parser.add_argument("--out", default=None, help="stem for <out>.md and the figure <out>.png/.pdf")
+    parser.add_argument("--measure", nargs=2, metavar=("CONFIG_JSON", "METHOD"), help="measure one memory point")
+    parser.add_argument("--append", help="with --measure: bench-format JSON file to add the row to")
     args = parser.parse_args(argv)
+    if args.measure:
+        if not args.append:
+            raise CLIError("--measure needs --append FILE")
+        config, method = json.loads(args.measure[0]), args.measure[1]
+        row = {"config": config, "method": method, "time_s": None,
+               **measure_memory("cross_domain_fewshot", config, method, torch_device("cpu"), warmup=0, steps=1)}
+        path = Path(args.append)
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        atomic_write_json(path, {"rows": rows + [row]})
+        print(json.dumps(row))
+        return
+    if not args.bench_json:
+        raise CLIError("give bench JSON files to fit (or --measure)")
     rows = []
     for path in args.bench_json:
         try:
