@@ -254,3 +254,12 @@ def test_tiny_run_of_each_method_writes_valid_results_and_eval_reads_checkpoint(
     scores = metaxl_eval.main(["--checkpoint", str(ckpt), "--split", "test", "--out", str(tmp_path / "eval.json")])
     assert scores["f1"] == pytest.approx(record["metrics"]["test_f1"])
     assert json.loads((tmp_path / "eval.json").read_text())["f1"] == pytest.approx(scores["f1"])
+
+
+def test_resume_continues_from_the_epoch_checkpoint(tmp_path, capsys):
+    argv = [*TINY_RUN, "--methods", "metaxl_evograd", "--out", str(tmp_path)]
+    metaxl_train.main([*argv, "--epochs", "1"])
+    metaxl_train.main([*argv, "--epochs", "2", "--resume"])
+    assert "resumed metaxl_evograd seed 3" in capsys.readouterr().out
+    record = json.loads((tmp_path / "metaxl_synthetic-en-qu-tiny_metaxl_evograd_seed3.json").read_text())
+    assert [h["epoch"] for h in record["metrics"]["history"]] == [1, 2]
