@@ -15,7 +15,7 @@ def save_figure(fig: "plt.Figure", path_stem: str | Path, formats: tuple[str, ..
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in formats:
-        path = stem.with_suffix(f".{ext}")
+        path = stem.parent / f"{stem.name}.{ext}"  # not with_suffix: stems may contain dots ("unif0.4")
         fig.savefig(path, dpi=150, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
