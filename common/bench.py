@@ -38,7 +38,7 @@ import torch
 
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, run_cli, select_device
+from common.runtime import CLIError, import_experiment_modules, run_cli, select_device
 
 StepFactory = Callable[[str, dict, torch.device], Callable[[], None]]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,11 +74,7 @@ def register_benchmark(name: str, *, methods: Sequence[str], reference: str,
 
 def discover() -> dict[str, Benchmark]:
     """Import every ``<folder>/bench.py`` beside ``common/`` so that it registers itself."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    for bench_file in sorted(REPO_ROOT.glob("*/bench.py")):
-        if bench_file.parent.name != "common":
-            importlib.import_module(f"{bench_file.parent.name}.bench")
+    import_experiment_modules("bench")
     # Under ``python -m common.bench`` this file is ``__main__``; the benchmarks registered
     # themselves in the importable ``common.bench``, whose registry is the one to read.
     return importlib.import_module("common.bench").REGISTRY

@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from common.second_order import _check_args, _check_loss
+from common.evograd import check_scalar_loss
+from common.second_order import check_inner_args
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -91,7 +92,7 @@ def finite_difference_hypergrad(
     Raises:
         ValueError: on bad arguments, an empty ``hyperparams``, or a non-scalar or non-finite loss.
     """
-    _check_args(params, inner_lr, 1)
+    check_inner_args(params, inner_lr, 1)
     if not (isinstance(fd_epsilon, (int, float)) and math.isfinite(fd_epsilon) and fd_epsilon > 0):
         raise ValueError(f"fd_epsilon must be a finite number > 0, got {fd_epsilon!r}")
     hyperparams = list(hyperparams)
@@ -102,13 +103,13 @@ def finite_difference_hypergrad(
 
     # virtual step θ' = θ − η ∇_θ L_train(θ, λ), outside any graph
     leaves = [t.clone().requires_grad_() for t in theta]
-    train_loss = _check_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+    train_loss = check_scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
     with torch.no_grad():
         virtual = [t - inner_lr * g for t, g in zip(theta, _grads_or_zeros(train_loss, leaves))]
     del train_loss, leaves
 
     virtual = [t.requires_grad_() for t in virtual]
-    val_loss = _check_loss(val_loss_fn(dict(zip(names, virtual))), "val_loss_fn")
+    val_loss = check_scalar_loss(val_loss_fn(dict(zip(names, virtual))), "val_loss_fn")
     grads = _grads_or_zeros(val_loss, [*virtual, *hyperparams])
     v, direct = grads[: len(virtual)], grads[len(virtual):]
     del virtual
@@ -120,7 +121,7 @@ def finite_difference_hypergrad(
         side_grads = []
         for sign in (1.0, -1.0):
             shifted = {n: t + sign * eps * g for n, t, g in zip(names, theta, v)}
-            loss = _check_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
+            loss = check_scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
             side_grads.append(_grads_or_zeros(loss, hyperparams))
             del shifted, loss
         total = [d - inner_lr * (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, *side_grads)]
@@ -169,7 +170,7 @@ def multistep_meta_loss(
     Raises:
         ValueError: on T < 1, W < 1, W > T, η ≤ 0, empty params, or a non-scalar or non-finite loss.
     """
-    _check_args(params, inner_lr, inner_steps)
+    check_inner_args(params, inner_lr, inner_steps)
     window = inner_steps if window is None else window
     check_window(inner_steps, window)
     names = list(params)
@@ -177,8 +178,8 @@ def multistep_meta_loss(
     done = 0
     while done < inner_steps:
         steps = min(window, inner_steps - done)
-        loss = _check_loss(train_loss_fn(dict(zip(names, fast))), f"train_loss_fn (step {done})")
+        loss = check_scalar_loss(train_loss_fn(dict(zip(names, fast))), f"train_loss_fn (step {done})")
         grads = _grads_or_zeros(loss, fast, create_graph=True)
         fast = [p - (steps * inner_lr) * g for p, g in zip(fast, grads)]
         done += steps
-    return _check_loss(val_loss_fn(dict(zip(names, fast))), "val_loss_fn")
+    return check_scalar_loss(val_loss_fn(dict(zip(names, fast))), "val_loss_fn")

@@ -182,7 +182,7 @@ def evograd_meta_loss(
     losses = []
     for k in range(n_candidates):
         candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
-        losses.append(_check_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})"))
+        losses.append(check_scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})"))
         del candidate
     losses_t = torch.stack(losses)
     if not losses_t.requires_grad:
@@ -190,7 +190,7 @@ def evograd_meta_loss(
             "train_loss_fn does not depend on any tensor that requires grad, so no hyperparameter "
             "would receive a hypergradient")
     weights = candidate_weights(losses_t, temperature)
-    val_loss = _check_loss(val_loss_fn(merge_candidates(base, weights, noise_spec)), "val_loss_fn")
+    val_loss = check_scalar_loss(val_loss_fn(merge_candidates(base, weights, noise_spec)), "val_loss_fn")
     if return_diagnostics:
         return EvoGradOutput(val_loss, losses_t.detach(), weights.detach())
     return val_loss
@@ -242,7 +242,7 @@ def evograd_hypergrad_low_memory(
     losses, loss_grads = [], []  # loss_grads[k][i] = ∂ℓ_k/∂λ_i
     for k in range(n_candidates):
         candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
-        loss = _check_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
+        loss = check_scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
         del candidate
         grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
         losses.append(loss.detach())
@@ -254,7 +254,7 @@ def evograd_hypergrad_low_memory(
     with torch.no_grad():
         merged = merge_candidates(base, weights, noise_spec)
     merged = {n: m.requires_grad_() for n, m in merged.items()}
-    val_loss = _check_loss(val_loss_fn(merged), "val_loss_fn")
+    val_loss = check_scalar_loss(val_loss_fn(merged), "val_loss_fn")
     grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
     grad_merged, grad_direct = grads[: len(merged)], grads[len(merged):]
 
@@ -331,7 +331,8 @@ def _prepare(params, n_candidates, sigma, temperature, noise, generator):
     return base, CandidateNoise(seeds, sigma, noise)
 
 
-def _check_loss(loss: Tensor, what: str) -> Tensor:
+def check_scalar_loss(loss: Tensor, what: str) -> Tensor:
+    """Return ``loss`` as a 0-d tensor; ``ValueError`` naming ``what`` if it is not a finite scalar."""
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"{what} must return a scalar tensor, got {shape}")

@@ -32,10 +32,10 @@ from torch import Tensor
 from common.hypergrad import meta_backward
 from common.profiling import current_rss_mb, peak_rss_mb, reset_peak_rss
 from common.results import atomic_write_json, write_results
-from common.runtime import CLIError, add_common_args, progress, run_cli, seed_everything, select_device
+from common.runtime import (CLIError, add_common_args, import_experiment_modules, progress, run_cli, seed_everything,
+                            select_device)
 from common.second_order import second_order_meta_loss_func
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "hypergrad_study"
 
 
@@ -116,14 +116,7 @@ def register_problem(name: str, **kwargs) -> Callable:
 
 def discover_problems() -> dict[str, StudyProblem]:
     """Import every ``<folder>/study.py`` beside ``common/`` so that its problems register."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    for study_file in sorted(REPO_ROOT.glob("*/study.py")):
-        if study_file.parent.name != "common":
-            try:
-                importlib.import_module(f"{study_file.parent.name}.study")
-            except ImportError as err:  # an experiment folder that is not complete in this checkout
-                print(f"warning: skipping {study_file.relative_to(REPO_ROOT)}: {err}", file=sys.stderr)
+    import_experiment_modules("study")
     return PROBLEMS
 
 

@@ -6,10 +6,12 @@ bad input ends with one clear line on stderr and exit status 2 instead of a trac
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,6 +81,33 @@ def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
     if not torch.isfinite(loss.detach()).all():
         raise NonFiniteLossError(f"non-finite {what} ({loss.detach().flatten()[0].item()}) at step {step}; "
                                  "stopping (the last good checkpoint is kept)")
+
+
+def import_experiment_modules(module_name: str) -> list[str]:
+    """Import ``<folder>.<module_name>`` for every ``<folder>/<module_name>.py`` beside ``common/``.
+
+    This is how experiments plug into common tools (benchmarks, study problems) without
+    ``common`` naming any experiment. A folder whose module fails to import (an incomplete
+    checkout) is skipped with a warning on stderr.
+
+    Returns:
+        The imported module names.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    imported = []
+    for path in sorted(root.glob(f"*/{module_name}.py")):
+        if path.parent.name == "common":
+            continue
+        name = f"{path.parent.name}.{module_name}"
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            print(f"warning: skipping {name}: {err}", file=sys.stderr)
+            continue
+        imported.append(name)
+    return imported
 
 
 def positive(kind: type = float) -> Callable[[str], float]:

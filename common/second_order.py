@@ -22,25 +22,20 @@ import higher
 import torch
 from torch import Tensor
 
+from common.evograd import check_scalar_loss
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 
 
-def _check_args(params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
+def check_inner_args(params: Mapping[str, Tensor], inner_lr: float, inner_steps: int) -> None:
+    """``ValueError`` unless params is a non-empty dict, inner_lr > 0 and inner_steps is an int >= 1."""
     if not isinstance(params, Mapping) or len(params) == 0:
         raise ValueError("params must be a non-empty dict of tensors")
     if not (isinstance(inner_lr, (int, float)) and inner_lr > 0):
         raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps (T) must be an integer >= 1, got {inner_steps!r}")
-
-
-def _check_loss(loss: Tensor, what: str) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"{what} must return a scalar tensor")
-    if not torch.isfinite(loss.detach()).all():
-        raise ValueError(f"{what} returned a non-finite loss ({loss.item()})")
-    return loss.reshape(())
 
 
 def second_order_meta_loss(
@@ -67,15 +62,15 @@ def second_order_meta_loss(
     Returns:
         L_val(θ_T), differentiable w.r.t. λ.
     """
-    _check_args(params, inner_lr, inner_steps)
+    check_inner_args(params, inner_lr, inner_steps)
     names = list(params)
     fast = [params[n].detach().requires_grad_() for n in names]
     diffopt = higher.optim.get_diff_optim(
         torch.optim.SGD(fast, lr=inner_lr), fast, track_higher_grads=True)
     for step in range(inner_steps):
-        loss = _check_loss(train_loss_fn(dict(zip(names, fast))), f"train_loss_fn (step {step})")
+        loss = check_scalar_loss(train_loss_fn(dict(zip(names, fast))), f"train_loss_fn (step {step})")
         fast = diffopt.step(loss, params=fast)
-    return _check_loss(val_loss_fn(dict(zip(names, fast))), "val_loss_fn")
+    return check_scalar_loss(val_loss_fn(dict(zip(names, fast))), "val_loss_fn")
 
 
 def second_order_meta_loss_func(
@@ -90,13 +85,13 @@ def second_order_meta_loss_func(
     Same value, cost and memory as the ``higher`` version; ``torch.func.grad`` composes with the
     ordinary autograd of the outer ``backward()``, which differentiates through the updates.
     """
-    _check_args(params, inner_lr, inner_steps)
+    check_inner_args(params, inner_lr, inner_steps)
     fast = {n: p.detach() for n, p in params.items()}
 
     def checked_train_loss(p: Params) -> Tensor:
-        return _check_loss(train_loss_fn(p), "train_loss_fn")
+        return check_scalar_loss(train_loss_fn(p), "train_loss_fn")
 
     for _ in range(inner_steps):
         grads = torch.func.grad(checked_train_loss)(fast)
         fast = {n: fast[n] - inner_lr * grads[n] for n in fast}
-    return _check_loss(val_loss_fn(fast), "val_loss_fn")
+    return check_scalar_loss(val_loss_fn(fast), "val_loss_fn")
