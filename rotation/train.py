@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.evograd import functional_forward, perturbable_params
-from common.hypergrad import ESTIMATORS, meta_backward
+from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=positive(int), default=1000, help="batch size for evaluation")
     parser.add_argument("--download", action="store_true", help="download full MNIST into --data-root first")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
+    add_estimator_args(parser, inner_lr=1e-3)  # --window, --fd_epsilon (multistep, finite_difference)
     return add_common_args(parser, default_seeds=PAPER_SEEDS, default_out="results/rotation")
 
 
@@ -86,7 +87,7 @@ def make_loss_fns(model: nn.Module, transformer: RotationTransformer, x: Tensor,
 def hypergrad_options(args: argparse.Namespace, generator: torch.Generator | None) -> dict:
     """Every estimator's options in one dict (``meta_backward`` passes each method its own)."""
     return {"n_candidates": args.k, "sigma": args.sigma, "temperature": args.temperature, "noise": args.noise,
-            "generator": generator, "inner_lr": args.inner_lr, "inner_steps": args.inner_steps}
+            "generator": generator, **estimator_options(args)}
 
 
 def model_step(model: nn.Module, optimizer: torch.optim.Optimizer, transformer: RotationTransformer | None,
@@ -232,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_results(out, experiment=EXPERIMENT, method=method, seed=seed, setting=setting,
                           config=config, metrics=metrics, efficiency=efficiency)
             angle = f", angle {metrics['angle_deg']:.2f}°" if "angle_deg" in metrics else ""
+            step_s = "n/a" if efficiency["meta_step_s"] is None else f"{efficiency['meta_step_s']:.4f}"
             print(f"{method} seed {seed}: rotated test {metrics['test_acc_rotated']:.2f}%, rotated back "
-                  f"{metrics['test_acc_rotated_back']:.2f}%{angle}; {efficiency['meta_step_s']:.4f} s/iter, "
+                  f"{metrics['test_acc_rotated_back']:.2f}%{angle}; {step_s} s/iter, "
                   f"{efficiency['run_wall_s']:.0f} s")
     from rotation.eval import summarise  # after training: table and angle plot of everything in --out
     summarise(out, setting)

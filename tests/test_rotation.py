@@ -37,23 +37,7 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
 
 # --- data ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_idx_reader_round_trip(tmp_path, gz):
-    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
-    path = write_idx(tmp_path / ("x.idx.gz" if gz else "x.idx"), images, gz)
-    np.testing.assert_array_equal(mnist.read_idx(path), images)
-
-
-def test_idx_reader_rejects_truncated_and_wrong_magic(tmp_path):
-    good = write_idx(tmp_path / "good", np.zeros((5, 28, 28), np.uint8))
-    truncated = tmp_path / "truncated"
-    truncated.write_bytes(good.read_bytes()[:-10])
-    with pytest.raises(DataError, match="header says"):
-        mnist.read_idx(truncated)
-    wrong_magic = tmp_path / "magic"
-    wrong_magic.write_bytes(b"\x01\x02" + good.read_bytes()[2:])
-    with pytest.raises(DataError, match="magic"):
-        mnist.read_idx(wrong_magic)
+# The IDX reader itself (common.mnist) is tested in tests/test_mnist_loader.py.
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):
@@ -237,6 +221,16 @@ def test_tiny_runs_of_each_method_write_valid_results(tmp_path):
     assert (tmp_path / "rotation_mnist5k-quick_angles.png").is_file()
     table = (tmp_path / "rotation_mnist5k-quick_table.md").read_text()
     assert "| mnist5k-quick | evograd | 1 |" in table
+
+
+def test_estimator_flags_reach_multistep_and_finite_difference(tmp_path):
+    train.main(["--quick", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--out", str(tmp_path),
+                "--method", "multistep", "finite_difference", "--inner-steps", "2", "--window", "1",
+                "--fd_epsilon", "0.02"])
+    for method in ("multistep", "finite_difference"):
+        record = json.loads((tmp_path / f"rotation_mnist5k-quick_{method}_seed1.json").read_text())
+        assert record["config"]["inner_steps"] == 2 and record["config"]["window"] == 1
+        assert record["config"]["fd_epsilon"] == 0.02 and record["metrics"]["angle_deg"] != 0.0
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
