@@ -23,6 +23,7 @@ reproduce: setup
 	  echo "== $$exp: python -m $$exp.train --quick --out $(RESULTS)/$$exp"; \
 	  $(PYTHON) -m $$exp.train --quick --out $(RESULTS)/$$exp; \
 	done
+	$(PYTHON) -m common.hypergrad_study --quick --out $(RESULTS)/hypergrad_study
 	$(PYTHON) -m common.report $(RESULTS)
 
 bench: setup
