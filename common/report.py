@@ -4,9 +4,9 @@
 
 Runs are grouped by (experiment, setting, method); every scalar metric and efficiency figure is
 shown as mean ± std over seeds (sample std, n−1; "±0" for a single seed is shown as the value
-alone). The paper's numbers, where known, are read from each experiment's
-``<experiment folder>/paper_numbers.json`` (found by file, each entry with its source) and shown in rows marked "paper" right below ours. Every PNG under the
-folder is listed at the end.
+alone). The paper's numbers, where known, are read from one data file,
+``common/paper_numbers.json`` (each experiment's entry with its source), and shown in rows
+marked "paper" right below ours. Every PNG under the folder is listed at the end.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from common.results import load_results
 from common.runtime import CLIError, run_cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.json")
 EFFICIENCY_COLUMNS = ("meta_step_s", "peak_mem_mb")
 
 
@@ -38,15 +38,9 @@ def format_mean_std(values: Sequence[float]) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def load_paper_numbers(root: Path = REPO_ROOT) -> dict:
-    """Merge every ``<folder>/paper_numbers.json`` under ``root``.
-
-    Each file maps ``{experiment: {"source": str, "settings": {setting: {method: {metric: str}}}}}``.
-    """
-    merged: dict = {}
-    for path in sorted(root.glob("*/paper_numbers.json")):
-        merged.update(json.loads(path.read_text()))
-    return merged
+def load_paper_numbers(path: Path = PAPER_NUMBERS) -> dict:
+    """``{experiment: {"source": str, "settings": {setting: {method: {metric: str}}}}}`` from ``path``."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _is_scalar(x) -> bool:
