@@ -134,26 +134,31 @@ def format_table(rows: list[dict], reference: str) -> str:
     lines = ["| method | s / meta-step | time ratio | peak MB (above start) | memory ratio | peak MB (process total) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        t_ratio = r["time_s"] / ref["time_s"] if ref and ref["time_s"] else None
+        t_ratio = r["time_s"] / ref["time_s"] if ref and r["time_s"] is not None and ref["time_s"] else None
+        timing = "not timed" if r["time_s"] is None else f"{r['time_s']:.4g} ± {r['time_std_s']:.2g}"
         m_ratio = (r["peak_mem_mb"] / ref["peak_mem_mb"]
                    if ref and r.get("peak_mem_mb") is not None and ref.get("peak_mem_mb") else None)
-        lines.append(f"| {r['method']} | {r['time_s']:.4g} ± {r['time_std_s']:.2g} | {_fmt(t_ratio)} | "
+        lines.append(f"| {r['method']} | {timing} | {_fmt(t_ratio)} | "
                      f"{_fmt(r.get('peak_mem_mb'), 4)} | {_fmt(m_ratio)} | {_fmt(r.get('peak_total_mb'), 4)} |")
     return "\n".join(lines)
 
 
 def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[str], device: torch.device,
-                  warmup: int, reps: int, memory: bool, mem_steps: int) -> list[dict]:
-    """Time (and optionally memory) of ``methods`` for each config; prints a table per config."""
+                  warmup: int, reps: int, memory: bool, mem_steps: int, timing: bool = True) -> list[dict]:
+    """Time and/or memory of ``methods`` for each config; prints a table per config.
+
+    ``timing=False`` skips the one process that holds every method (for configs where all
+    methods together do not fit in memory); memory is still measured per method, each alone.
+    """
     results = []
     for config in configs:
-        times = time_methods(bench, config, methods, device, warmup, reps)
+        times = time_methods(bench, config, methods, device, warmup, reps) if timing else {}
         rows = []
         for m in methods:
             row = {"benchmark": bench.name, "config": config, "method": m,
-                   "time_s": statistics.mean(times[m]),
-                   "time_std_s": statistics.stdev(times[m]) if len(times[m]) > 1 else 0.0,
-                   "reps": reps, "device": str(device)}
+                   "time_s": statistics.mean(times[m]) if timing else None,
+                   "time_std_s": (statistics.stdev(times[m]) if len(times[m]) > 1 else 0.0) if timing else None,
+                   "reps": reps if timing else 0, "device": str(device)}
             if memory:
                 row.update(measure_memory(bench.name, config, m, device, warmup, mem_steps))
             rows.append(row)
@@ -175,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--mem-steps", type=int, default=3, help="measured steps in each memory process")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    parser.add_argument("--no-time", action="store_true",
+                        help="skip the timing process (memory only, each method alone; for configs too big "
+                             "for all methods in one process)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", help="write all rows to this JSON file")
     parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
@@ -182,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 0 or args.mem_steps < 1:
         raise CLIError("--reps and --mem-steps must be >= 1 and --warmup >= 0")
+    if args.no_time and args.no_memory:
+        raise CLIError("--no-time and --no-memory together leave nothing to measure")
     device = select_device(args.device)
 
     if args.memory_worker:
@@ -211,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise CLIError(f"--config indices must be in 0..{len(configs) - 1} for {name}")
             configs = [configs[i] for i in args.config]
         all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
-                                  not args.no_memory, args.mem_steps)
+                                  not args.no_memory, args.mem_steps, timing=not args.no_time)
     if args.out:
         atomic_write_json(args.out, {"rows": all_rows, "env": env_info(), "argv": list(argv or sys.argv[1:])})
 

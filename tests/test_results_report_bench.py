@@ -102,6 +102,9 @@ def test_bench_runner_interleaves_and_formats():
     table = format_table([{"method": "a", "time_s": 2.0, "time_std_s": 0.1, "peak_mem_mb": 50.0},
                           {"method": "b", "time_s": 4.0, "time_std_s": 0.1, "peak_mem_mb": 100.0}], "b")
     assert "| a | 2 ± 0.1 | 0.5 | 50 | 0.5 |" in table
+    untimed = format_table([{"method": "a", "time_s": None, "time_std_s": None, "peak_mem_mb": 50.0},
+                            {"method": "b", "time_s": None, "time_std_s": None, "peak_mem_mb": 100.0}], "b")
+    assert "| a | not timed | n/a | 50 | 0.5 |" in untimed
 
 
 def test_bench_cli_runs_a_registered_benchmark_with_memory(tmp_path):
@@ -113,5 +116,8 @@ def test_bench_cli_runs_a_registered_benchmark_with_memory(tmp_path):
     rows = json.loads(out_file.read_text())["rows"]
     assert {r["method"] for r in rows} == {"evograd", "second_order"}
     assert all(r["peak_mem_mb"] is not None and r["time_s"] > 0 for r in rows)
+    memory_only = subprocess.run([sys.executable, "-m", "common.bench", "illustration_1d", "--quick", "--no-time",
+                                  "--methods", "evograd"], capture_output=True, text=True, timeout=300)
+    assert memory_only.returncode == 0 and "| evograd | not timed |" in memory_only.stdout, memory_only.stderr
     bad = subprocess.run([sys.executable, "-m", "common.bench", "no_such_benchmark"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
