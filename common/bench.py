@@ -110,7 +110,8 @@ def memory_worker(name: str, config: dict, method: str, device: torch.device, wa
         with meter.step():
             step()
     total = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb())
-    return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total}
+    # solo_time_s: the measured steps of this process alone (not interleaved with other methods)
+    return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "solo_time_s": meter.summary()["meta_step_s"]}
 
 
 def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int) -> dict:
@@ -120,7 +121,7 @@ def measure_memory(name: str, config: dict, method: str, device: torch.device, w
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"peak_mem_mb": None, "peak_total_mb": None, "error": tail}
+        return {"peak_mem_mb": None, "peak_total_mb": None, "solo_time_s": None, "error": tail}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -134,8 +135,13 @@ def format_table(rows: list[dict], reference: str) -> str:
     lines = ["| method | s / meta-step | time ratio | peak MB (above start) | memory ratio | peak MB (process total) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        t_ratio = r["time_s"] / ref["time_s"] if ref and r["time_s"] is not None and ref["time_s"] else None
-        timing = "not timed" if r["time_s"] is None else f"{r['time_s']:.4g} ± {r['time_std_s']:.2g}"
+        if r["time_s"] is not None:
+            t_ratio = r["time_s"] / ref["time_s"] if ref and ref["time_s"] else None
+            timing = f"{r['time_s']:.4g} ± {r['time_std_s']:.2g}"
+        else:  # --no-time: each method's own memory process, not interleaved
+            solo, ref_solo = r.get("solo_time_s"), (ref or {}).get("solo_time_s")
+            t_ratio = solo / ref_solo if solo is not None and ref_solo else None
+            timing = "not timed" if solo is None else f"{solo:.4g} (alone)"
         m_ratio = (r["peak_mem_mb"] / ref["peak_mem_mb"]
                    if ref and r.get("peak_mem_mb") is not None and ref.get("peak_mem_mb") else None)
         lines.append(f"| {r['method']} | {timing} | {_fmt(t_ratio)} | "
@@ -181,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mem-steps", type=int, default=3, help="measured steps in each memory process")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
     parser.add_argument("--no-time", action="store_true",
-                        help="skip the timing process (memory only, each method alone; for configs too big "
-                             "for all methods in one process)")
+                        help="skip the interleaved timing process: each method runs alone in its memory "
+                             "process, which also reports its own (not interleaved) seconds per step; for "
+                             "configs too big for all methods in one process")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", help="write all rows to this JSON file")
     parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
