@@ -168,8 +168,8 @@ def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[s
             if memory:
                 row.update(measure_memory(bench.name, config, m, device, warmup, mem_steps))
             rows.append(row)
-        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, {reps} interleaved reps, "
-              f"ratios to {bench.reference})\n")
+        how = f"{reps} interleaved reps" if timing else f"each method alone, {mem_steps} measured steps"
+        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, {how}, ratios to {bench.reference})\n")
         print(format_table(rows, bench.reference), flush=True)
         results.extend(rows)
     return results
