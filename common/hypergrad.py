@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
+from common.runtime import positive
+
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
@@ -76,24 +78,26 @@ ESTIMATORS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
 }
 
 
-def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float, inner_steps: int = 1,
+def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float | None, inner_steps: int = 1,
                        window: int | None = None, fd_epsilon: float = 0.01) -> argparse.ArgumentParser:
     """Add ``--inner_lr``, ``--inner_steps``, ``--window``, ``--fd_epsilon`` where the parser lacks them.
 
     These are the options of the second-order, unrolled, multistep and finite-difference
-    estimators; the arguments give their defaults. Flags whose destination the parser already
-    has (say an experiment's own ``--inner_lr``) are left as they are.
+    estimators; the arguments give their defaults, and every value must be > 0. Flags whose
+    destination the parser already has (say an experiment's own ``--inner_lr``) are left as they
+    are; ``inner_lr=None`` adds no ``--inner_lr`` (for a caller that sets η itself, e.g. from its
+    learning-rate schedule).
     """
     flags = {
-        "inner_lr": (float, inner_lr, "η of the virtual/unrolled SGD steps (second_order, unrolled, "
+        "inner_lr": (positive(float), inner_lr, "η of the virtual/unrolled SGD steps (second_order, unrolled, "
                                       "multistep, finite_difference)"),
-        "inner_steps": (int, inner_steps, "T, inner steps unrolled by second_order/unrolled/multistep"),
-        "window": (int, window, "W, inner steps per gradient in multistep (1 <= W <= T; default W = T)"),
-        "fd_epsilon": (float, fd_epsilon, "norm of the central-difference perturbation of finite_difference"),
+        "inner_steps": (positive(int), inner_steps, "T, inner steps unrolled by second_order/unrolled/multistep"),
+        "window": (positive(int), window, "W, inner steps per gradient in multistep (1 <= W <= T; default W = T)"),
+        "fd_epsilon": (positive(float), fd_epsilon, "norm of the central-difference perturbation of finite_difference"),
     }
     existing = {action.dest for action in parser._actions}
     for dest, (kind, default, text) in flags.items():
-        if dest not in existing:
+        if dest not in existing and not (dest == "inner_lr" and inner_lr is None):
             parser.add_argument(f"--{dest}", type=kind, default=default, help=text)
     return parser
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, results_path, save_checkpoint, write_results
@@ -71,11 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
     parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad perturbation scale")
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad softmax temperature")
-    parser.add_argument("--inner_steps", type=positive(int), default=1,
-                        help="unrolled/multistep: virtual SGD steps T (MWN's one-step update: 1); lr follows the schedule")
-    parser.add_argument("--window", type=positive(int), default=None, help="multistep: steps per gradient W (default T)")
-    parser.add_argument("--fd_epsilon", type=positive(float), default=0.01,
-                        help="finite_difference: norm of the central-difference perturbation")
+    # --inner_steps, --window, --fd_epsilon; the virtual step's η is the main lr of the schedule
+    add_estimator_args(parser, inner_lr=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return parser
 
@@ -152,11 +150,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         lr = lr_at(epoch, args.lr, args.milestones)
         for group in model_opt.param_groups:
             group["lr"] = lr
-        options = {"inner_lr": lr, "inner_steps": args.inner_steps, "fd_epsilon": args.fd_epsilon,
-                   "n_candidates": args.n_candidates, "sigma": args.sigma,
-                   "temperature": args.temperature, "noise": "sign", "generator": generator}
-        if args.window is not None:
-            options["window"] = args.window
+        options = {**estimator_options(args), "inner_lr": lr, "n_candidates": args.n_candidates,
+                   "sigma": args.sigma, "temperature": args.temperature, "noise": "sign", "generator": generator}
         order = torch.randperm(len(train_images), generator=data_gen)
         meta_order = torch.randperm(len(meta_images), generator=data_gen)
         sums = {"train_loss": 0.0, "meta_loss": 0.0, "w_clean": 0.0, "n_clean": 0, "w_noisy": 0.0, "n_noisy": 0}
