@@ -147,8 +147,9 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, prepare: Callable
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(prepare(images[start:start + batch_size]))
-        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
+    with torch.no_grad():  # no graph: evaluation only
+        for start in range(0, len(images), batch_size):
+            logits = model(prepare(images[start:start + batch_size]))
+            correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * correct / max(1, len(images))

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad softmax temperature")
     # --inner_steps, --window, --fd_epsilon; the virtual step's η is the main lr of the schedule
     add_estimator_args(parser, inner_lr=None)
+    parser.add_argument("--eval_every", type=positive(int), default=1,
+                        help="test every N epochs (and after the last); best accuracy is over the tested epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return parser
 
@@ -125,8 +127,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     config = {k: v for k, v in vars(args).items() if k not in ("seeds", "seed", "methods", "resume", "out")}
     config.update(method=method, seed=seed, corruption_seed=corruption_seed, setting=setting, flip=flip)
     ckpt_path = Path(args.out) / "checkpoints" / results_path("", EXPERIMENT, setting, method, seed).with_suffix(".pt").name
-    history = {"test_acc": [], "train_loss": [], "meta_loss": [], "weight_clean": [], "weight_noisy": [],
-               "lr": [], "epoch_s": []}
+    history = {"test_epoch": [], "test_acc": [], "train_loss": [], "meta_loss": [], "weight_clean": [],
+               "weight_noisy": [], "lr": [], "epoch_s": []}
     step_times: list[float] = []
     start_epoch = 0
     if args.resume and ckpt_path.is_file():
@@ -139,6 +141,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         data_gen.set_state(state["data_gen"])
         torch.set_rng_state(state["torch_rng"])
         history, step_times, start_epoch = state["history"], state["step_times"], state["epoch"]
+        history.setdefault("test_epoch", list(range(1, len(history["test_acc"]) + 1)))  # older checkpoints
         print(f"[{method} seed {seed}] resuming after epoch {start_epoch}", file=sys.stderr)
 
     train_images = data.train_images[split.train_index]
@@ -178,9 +181,12 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
                 sums["n_noisy"] += int(is_noisy.sum())
                 sums["n_clean"] += int((~is_noisy).sum())
         n_batches = len(batches)
-        test_acc = accuracy(model, data.test_images, data.test_labels,
-                            lambda imgs: normalize_batch(imgs, data.mean, data.std).to(device))
-        history["test_acc"].append(test_acc)
+        test_acc = None
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test_acc = accuracy(model, data.test_images, data.test_labels,
+                                lambda imgs: normalize_batch(imgs, data.mean, data.std).to(device))
+            history["test_epoch"].append(epoch + 1)
+            history["test_acc"].append(test_acc)
         history["train_loss"].append(sums["train_loss"] / n_batches)
         history["meta_loss"].append(sums["meta_loss"] / n_batches if method != "baseline" else None)
         history["weight_clean"].append(sums["w_clean"] / sums["n_clean"] if sums["n_clean"] else None)
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         step_times += meter.times
         meter.times = []
         print(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
-              f"train loss {history['train_loss'][-1]:.4f} test acc {test_acc:.2f}", file=sys.stderr, flush=True)
+              f"train loss {history['train_loss'][-1]:.4f}" + (f" test acc {test_acc:.2f}" if test_acc is not None else ""),
+              file=sys.stderr, flush=True)
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "vnet": vnet.state_dict(),
                                     "model_opt": model_opt.state_dict(), "vnet_opt": vnet_opt.state_dict(),
                                     "generator": generator.get_state(), "data_gen": data_gen.get_state(),
@@ -217,7 +224,8 @@ def plot_curves(records: list[dict], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for r in (r for r in records if r["setting"] == setting):
             acc = r["metrics"]["test_acc_per_epoch"]
-            ax.plot(range(1, len(acc) + 1), acc, label=f"{r['method']} (seed {r['seed']})")
+            epochs = r["metrics"].get("test_epoch_per_epoch") or range(1, len(acc) + 1)
+            ax.plot(epochs, acc, label=f"{r['method']} (seed {r['seed']})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{EXPERIMENT}: {setting}")

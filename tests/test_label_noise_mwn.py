@@ -301,6 +301,15 @@ def test_estimator_flags_reach_unrolled_and_multistep(tmp_path, cached_data):
         assert record["efficiency"]["meta_step_s"] > 0
 
 
+def test_eval_every_tests_chosen_epochs_and_the_last(tmp_path, cached_data):
+    mwn_train.main([*TINY, "--epochs", "3", "--eval_every", "2", "--methods", "baseline", "--out", str(tmp_path)])
+    metrics = json.loads(next(tmp_path.glob("label_noise_mwn_*_baseline_seed3.json")).read_text())["metrics"]
+    assert metrics["test_epoch_per_epoch"] == [2, 3] and len(metrics["test_acc_per_epoch"]) == 2
+    assert len(metrics["train_loss_per_epoch"]) == 3
+    assert metrics["final_test_acc"] == metrics["test_acc_per_epoch"][-1]
+    assert metrics["best_test_acc"] == max(metrics["test_acc_per_epoch"])
+
+
 def test_resume_continues_from_saved_epoch(tmp_path, capsys, cached_data):
     argv = [*TINY, "--methods", "mwn_evograd", "--milestones", "1"]
     mwn_train.main([*argv, "--epochs", "2", "--out", str(tmp_path / "straight")])
