@@ -10,6 +10,16 @@ and hyperparameters λ, trained on a validation loss L_val(θ). One EvoGrad meta
 θ is treated as a constant: the hypergradient flows through the K scalar losses ℓ_k only, so
 there are no second-order derivatives and no graph of an inner update.
 
+Scale. To first order in σ (w_k ≈ 1/K, ℓ_k ≈ ℓ + ∇_θℓ·ε_k) and with E[ε εᵀ] = σ² I,
+
+    E[∂L_val(θ*)/∂λ] = −η_eff · (∂²L_train/∂λ∂θ) ∇_θ L_val(θ),     η_eff = (K − 1) σ² / (K τ),
+
+i.e. on average EvoGrad is the one-step second-order hypergradient with a virtual learning rate
+η_eff (1e-5 for K = 2, σ = 1e-3, τ = 0.05), plus zero-mean noise whose size relative to the mean
+is about 1 / |cos(∂²L_train/∂λ∂θ · , ∇L_val)| per draw. Compared with a second-order step with
+virtual learning rate η it is smaller by η_eff / η on average: a meta learning rate tuned for one
+does not transfer to the other (``tests/test_evograd.py`` pins the formula).
+
 Public entry points:
     evograd_meta_loss            the plain path: returns L_val(θ*), call ``.backward()`` on it.
     evograd_hypergrad_low_memory the same hypergradient, one candidate graph alive at a time.

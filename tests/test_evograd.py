@@ -7,6 +7,7 @@ from torch import nn
 
 from common.evograd import (CandidateNoise, candidate_weights, evograd_hypergrad_low_memory, evograd_meta_loss,
                             functional_forward, perturbable_params)
+from common.second_order import second_order_meta_loss
 from conftest import quadratic_problem
 
 
@@ -46,6 +47,29 @@ def test_matches_closed_form_on_quadratic(kind, k):
     np.testing.assert_allclose(out.weights.numpy(), w, rtol=1e-10)
     np.testing.assert_allclose(lam.grad.numpy(), expected, rtol=1e-9, atol=1e-12)
     assert np.abs(expected).max() > 1e-3  # non-degenerate
+
+
+@pytest.mark.parametrize("kind", ["sign", "gaussian"])
+@pytest.mark.parametrize("k", [2, 5])
+def test_mean_equals_second_order_step_with_effective_lr(kind, k):
+    # E[EvoGrad] = one-step second-order hypergradient with η_eff = (K-1)σ²/(Kτ) (module docstring).
+    theta, a, b, lam, train, val = quadratic_problem()
+    sigma, tau, draws = 1e-4, 0.05, 4000  # σ small: Δℓ/τ ~ 1e-3, so w_k ≈ 1/K to first order
+    generator = torch.Generator().manual_seed(11)
+    samples = []
+    for _ in range(draws):
+        lam.grad = None
+        evograd_meta_loss({"theta": theta}, train, val, n_candidates=k, sigma=sigma, temperature=tau,
+                          noise=kind, generator=generator).backward()
+        samples.append(lam.grad.clone())
+    samples = torch.stack(samples)
+    mean, standard_error = samples.mean(0), (samples.std(0) / draws ** 0.5).norm()
+    lam.grad = None
+    eta_eff = (k - 1) * sigma ** 2 / (k * tau)
+    second_order_meta_loss({"theta": theta}, train, val, inner_lr=eta_eff).backward()
+    expected = lam.grad.clone()
+    assert 4 * standard_error < 0.2 * expected.norm()     # precise enough to reject a 20 % scale error
+    assert (mean - expected).norm() < 4 * standard_error
 
 
 def test_noise_kinds_have_the_right_distribution():
