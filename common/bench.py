@@ -53,6 +53,7 @@ class Benchmark:
     configs: tuple[dict, ...] = ({},)
     quick_configs: tuple[dict, ...] = field(default=())
     description: str = ""
+    extra_methods: tuple[str, ...] = ()   # accepted by --methods, not run by default
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -60,14 +61,19 @@ REGISTRY: dict[str, Benchmark] = {}
 
 def register_benchmark(name: str, *, methods: Sequence[str], reference: str,
                        configs: Sequence[dict] = ({},), quick_configs: Sequence[dict] = (),
-                       description: str = "") -> Callable[[StepFactory], StepFactory]:
-    """Decorator registering ``make_step(method, config, device) -> step()`` under ``name``."""
+                       description: str = "", extra_methods: Sequence[str] = ()
+                       ) -> Callable[[StepFactory], StepFactory]:
+    """Decorator registering ``make_step(method, config, device) -> step()`` under ``name``.
+
+    ``methods`` run by default; ``extra_methods`` only when named with ``--methods``.
+    """
     if reference not in methods:
         raise ValueError(f"reference method {reference!r} is not among {list(methods)}")
 
     def decorate(make_step: StepFactory) -> StepFactory:
         REGISTRY[name] = Benchmark(name, make_step, tuple(methods), reference, tuple(configs),
-                                   tuple(quick_configs) or tuple(configs), description)
+                                   tuple(quick_configs) or tuple(configs), description,
+                                   tuple(m for m in extra_methods if m not in methods))
         return make_step
     return decorate
 
@@ -209,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     registry = discover()
     if args.list:
         for b in registry.values():
-            print(f"{b.name}: methods {', '.join(b.methods)} (reference {b.reference}); "
+            extra = f" (also: {', '.join(b.extra_methods)})" if b.extra_methods else ""
+            print(f"{b.name}: methods {', '.join(b.methods)}{extra} (reference {b.reference}); "
                   f"{len(b.configs)} configs. {b.description}")
         return
     unknown = [n for n in args.names if n not in registry]
@@ -219,9 +226,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.names or sorted(registry):
         bench = registry[name]
         methods = args.methods or bench.methods
-        bad = [m for m in methods if m not in bench.methods]
+        known = bench.methods + bench.extra_methods
+        bad = [m for m in methods if m not in known]
         if bad:
-            raise CLIError(f"benchmark {name} has no method(s) {bad}; it has {list(bench.methods)}")
+            raise CLIError(f"benchmark {name} has no method(s) {bad}; it has {list(known)}")
         configs = bench.quick_configs if args.quick else bench.configs
         if args.config:
             if any(i < 0 or i >= len(configs) for i in args.config):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import io
+import inspect
 import json
 import pickle
 from pathlib import Path
@@ -246,10 +247,21 @@ def test_method_choices_include_estimators():
     assert {"evograd", "second_order", "evograd_low_memory"} <= set(method_choices())
 
 
-@pytest.mark.parametrize("method", PAPER_METHODS)
-def test_bench_step_updates_model(method):
-    step = make_step(method, {"depth": 8, "width": 1, "batch": 4}, torch.device("cpu"))
-    step()  # runs one full iteration without error; results are checked in the tests above
+@pytest.mark.parametrize("method", [*PAPER_METHODS, "finite_difference", "multistep"])
+@pytest.mark.parametrize("config", [{"depth": 8, "width": 1, "batch": 4},
+                                    {"depth": 8, "width": 1, "base_channels": 4, "channels": 1, "batch": 4,
+                                     "inner_steps": 2, "window": 2}])
+def test_bench_step_updates_model_and_vnet(method, config):
+    step = make_step(method, config, torch.device("cpu"))
+    captured = inspect.getclosurevars(step).nonlocals
+    model, vnet = captured["model"], captured["vnet"]
+    assert captured["x"].shape[1] == config.get("channels", 3)
+    before = [p.detach().clone() for p in (*model.parameters(), *vnet.parameters())]
+    step()
+    after = list(model.parameters()), list(vnet.parameters())
+    assert not all(torch.equal(b, p) for b, p in zip(before, after[0]))
+    vnet_moved = not all(torch.equal(b, p) for b, p in zip(before[len(after[0]):], after[1]))
+    assert vnet_moved == (method != "baseline")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,3 +121,16 @@ def test_bench_cli_runs_a_registered_benchmark_with_memory(tmp_path):
     assert memory_only.returncode == 0 and "(alone) |" in memory_only.stdout, memory_only.stderr
     bad = subprocess.run([sys.executable, "-m", "common.bench", "no_such_benchmark"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
+
+
+def test_bench_cli_runs_extra_methods_only_when_named():
+    def bench_cli(*methods):
+        return subprocess.run([sys.executable, "-m", "common.bench", "label_noise_mwn", "--quick", "--no-memory",
+                               "--reps", "1", "--warmup", "0", "--methods", *methods],
+                              capture_output=True, text=True, timeout=300)
+    extra = bench_cli("finite_difference")  # an extra method of the MWN benchmark
+    assert extra.returncode == 0 and "| finite_difference |" in extra.stdout, extra.stderr
+    unknown = bench_cli("no_such_method")
+    assert unknown.returncode == 2 and "has no method(s) ['no_such_method']" in unknown.stderr
+    listing = subprocess.run([sys.executable, "-m", "common.bench", "--list"], capture_output=True, text=True)
+    assert "(also: evograd, " in listing.stdout
