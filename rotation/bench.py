@@ -6,6 +6,12 @@ rotated by the angle, then the angle's hypergradient (EvoGrad or one unrolled SG
 (``width`` multiplies channels and hidden units: 1, 2, 4, 8, 16) and vary EvoGrad's K (2, 5, 10;
 the second-order step does not use K, it is rerun there only as the reference). ``evograd`` is the
 plain path (K candidate graphs alive until backward), ``evograd_low_memory`` keeps one at a time.
+Config 7 is the estimator study's end-to-end setting: with ``--methods`` naming any of the other
+estimators too (``finite_difference``, ``unrolled``, ``multistep``, ``second_order_func``), its
+``inner_steps`` = ``window`` = 5 applies to ``unrolled`` and ``multistep``; ``second_order`` stays
+the one-step unroll.
+
+    python -m common.bench rotation --config 7 --methods second_order evograd finite_difference multistep unrolled
 """
 from __future__ import annotations
 
@@ -14,16 +20,20 @@ from collections.abc import Callable
 import torch
 
 from common.bench import register_benchmark
+from common.hypergrad import ESTIMATORS
 from rotation.data import BACKGROUND
 from rotation.model import LeNet, RotationTransformer
 from rotation.train import meta_step, model_step
 
 WIDTHS = (1, 2, 4, 8, 16)
 CONFIGS = tuple({"width": w, "k": 2, "batch": 128} for w in WIDTHS) + tuple(
-    {"width": 1, "k": k, "batch": 128} for k in (5, 10))
+    {"width": 1, "k": k, "batch": 128} for k in (5, 10)) + ({"width": 1, "k": 2, "batch": 128, "inner_steps": 5,
+                                                            "window": 5},)
+T_STEP_METHODS = ("unrolled", "multistep")  # the methods that read a config's inner_steps / window
 
 
 @register_benchmark("rotation", methods=("evograd", "evograd_low_memory", "second_order"), reference="second_order",
+                    extra_methods=tuple(ESTIMATORS),
                     configs=CONFIGS, quick_configs=({"width": 1, "k": 2, "batch": 16},),
                     description="LeNet + one-angle rotation transformer, one full training iteration")
 def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:
@@ -38,6 +48,8 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     y, val_y = torch.randint(0, 10, (2, batch), device=device)
     options = {"n_candidates": config.get("k", 2), "sigma": 1e-3, "temperature": 0.05, "noise": "sign",
                "generator": torch.Generator().manual_seed(0), "inner_lr": 1e-3, "inner_steps": 1}
+    if method in T_STEP_METHODS:
+        options.update(inner_steps=config.get("inner_steps", 1), window=config.get("window"))
 
     def step() -> None:
         model_step(model, optimizer, transformer, x, y)

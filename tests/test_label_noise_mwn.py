@@ -247,10 +247,10 @@ def test_method_choices_include_estimators():
     assert {"evograd", "second_order", "evograd_low_memory"} <= set(method_choices())
 
 
-@pytest.mark.parametrize("method", [*PAPER_METHODS, "finite_difference", "multistep"])
+@pytest.mark.parametrize("method", [*PAPER_METHODS, "finite_difference", "unrolled", "multistep"])
 @pytest.mark.parametrize("config", [{"depth": 8, "width": 1, "batch": 4},
                                     {"depth": 8, "width": 1, "base_channels": 4, "channels": 1, "batch": 4,
-                                     "inner_steps": 2, "window": 2}])
+                                     "inner_steps": 2, "window": 1}])
 def test_bench_step_updates_model_and_vnet(method, config):
     step = make_step(method, config, torch.device("cpu"))
     captured = inspect.getclosurevars(step).nonlocals

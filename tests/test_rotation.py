@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import math
 import os
@@ -173,10 +174,14 @@ def test_evograd_plain_and_low_memory_paths_agree_on_the_angle():
     assert grads[0] == pytest.approx(grads[1], rel=1e-9)
 
 
-def test_bench_step_moves_the_angle():
-    for method in ("evograd", "second_order"):
-        step = make_step(method, {"width": 1, "k": 2, "batch": 4}, torch.device("cpu"))
-        step()  # runs a full iteration without error
+@pytest.mark.parametrize("method", ["evograd", "evograd_low_memory", "second_order", "finite_difference",
+                                    "unrolled", "multistep"])
+def test_bench_step_moves_the_angle(method):
+    step = make_step(method, {"width": 1, "k": 2, "batch": 4, "inner_steps": 3, "window": 2}, torch.device("cpu"))
+    transformer = inspect.getclosurevars(step).nonlocals["transformer"]
+    before = transformer.angle.detach().clone()
+    step()
+    assert not torch.equal(before, transformer.angle.detach())
 
 
 # --- entry points -----------------------------------------------------------------------------
