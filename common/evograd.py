@@ -18,12 +18,13 @@ i.e. on average EvoGrad is the one-step second-order hypergradient with a virtua
 η_eff (1e-5 for K = 2, σ = 1e-3, τ = 0.05), plus zero-mean noise whose size relative to the mean
 is about 1 / |cos(∂²L_train/∂λ∂θ · , ∇L_val)| per draw. Compared with a second-order step with
 virtual learning rate η it is smaller by η_eff / η on average: a meta learning rate tuned for one
-does not transfer to the other (``tests/test_evograd.py`` pins the formula).
+does not transfer to the other (``effective_inner_lr``; ``tests/test_evograd.py`` pins the formula).
 
 Public entry points:
     evograd_meta_loss            the plain path: returns L_val(θ*), call ``.backward()`` on it.
     evograd_hypergrad_low_memory the same hypergradient, one candidate graph alive at a time.
     candidate_weights            softmax(−ℓ/τ) over candidates (dim 0), for vectorised problems.
+    effective_inner_lr           η_eff = (K − 1) σ² / (K τ), the scale of EvoGrad's mean (above).
     perturbable_params / functional_forward   nn.Module helpers built on torch.func.
 """
 from __future__ import annotations
@@ -53,6 +54,27 @@ class EvoGradOutput(NamedTuple):
     val_loss: Tensor
     candidate_losses: Tensor
     weights: Tensor
+
+
+def effective_inner_lr(n_candidates: int, sigma: float, temperature: float) -> float:
+    """η_eff = (K − 1) σ² / (K τ): EvoGrad's mean hypergradient is the one-step second-order one at η_eff.
+
+    First order in σ, for noise with E[ε εᵀ] = σ² I (both noise kinds); see the module docstring.
+    Multiplying an EvoGrad hypergradient by η / η_eff gives, on average, the second-order
+    hypergradient of a virtual SGD step with learning rate η.
+
+    Args:
+        n_candidates: K ≥ 2.
+        sigma: σ > 0.
+        temperature: τ > 0.
+
+    Raises:
+        ValueError: on K < 2, σ ≤ 0 or τ ≤ 0.
+    """
+    _check_candidates(n_candidates)
+    _check_positive("sigma", sigma)
+    _check_positive("temperature", temperature)
+    return (n_candidates - 1) * sigma ** 2 / (n_candidates * temperature)
 
 
 def candidate_weights(losses: Tensor, temperature: float) -> Tensor:
@@ -326,9 +348,13 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _prepare(params, n_candidates, sigma, temperature, noise, generator):
+def _check_candidates(n_candidates: int) -> None:
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 2:
         raise ValueError(f"n_candidates (K) must be an integer >= 2, got {n_candidates!r}")
+
+
+def _prepare(params, n_candidates, sigma, temperature, noise, generator):
+    _check_candidates(n_candidates)
     _check_positive("sigma", sigma)
     _check_positive("temperature", temperature)
     if noise not in NOISE_KINDS:

@@ -9,7 +9,11 @@ Per iteration (Shu et al. 2019, Algorithm 1), on a noisy batch (x, y) and a clea
 2. actual step: the base model takes an SGD step on the same weighted loss with the updated VNet
    (weights under no_grad).
 
-``baseline`` skips 1 and uses the plain mean cross-entropy in 2.
+``baseline`` skips 1 and uses the plain mean cross-entropy in 2. ``mwn_evograd_scaled`` is
+``mwn_evograd`` with VNet's meta-gradient multiplied by η / η_eff, η_eff = (K − 1)σ²/(Kτ): on
+average EvoGrad's hypergradient is the second-order one at virtual step η_eff (1e-5 at the paper's
+K, σ, τ) instead of MWN's η (the main lr, 0.1 at first), so the unscaled one is 1e-4 of MWN's
+and VNet's weight decay outweighs it.
 
 Because VNet sees detached losses, ℓ_k(θ + ε_k) are constants for EvoGrad: its K candidate
 forward passes run under ``torch.no_grad`` and only VNet (1 → 100 → 1 on B scalars) is in the
@@ -24,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.evograd import functional_forward, perturbable_params
+from common.evograd import effective_inner_lr, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
 from label_noise_mwn.models import VNet, normalize_over_batch, weighted_loss
 
 # the method names, and the estimator each runs in the meta step (None: no meta step)
 NAMED_METHODS: dict[str, str | None] = {"baseline": None, "mwn_second_order": "second_order",
-                                        "mwn_evograd": "evograd"}
-PAPER_METHODS = tuple(NAMED_METHODS)
+                                        "mwn_evograd": "evograd", "mwn_evograd_scaled": "evograd"}
+PAPER_METHODS = ("baseline", "mwn_second_order", "mwn_evograd")
+# EvoGrad's VNet gradient multiplied by η / η_eff, so that its mean is MWN's second-order one
+SCALED_METHODS = ("mwn_evograd_scaled",)
 
 
 def method_choices() -> list[str]:
@@ -88,6 +94,14 @@ def meta_step(method: str, model: nn.Module, vnet: VNet, vnet_optimizer: torch.o
     vnet_optimizer.zero_grad(set_to_none=True)
     meta_loss = meta_backward(estimator_of(method), perturbable_params(model), list(vnet.parameters()),
                               train_loss_fn, val_loss_fn, **options)
+    if method in SCALED_METHODS:
+        # E[EvoGrad] = one-step second-order hypergradient at η_eff = (K-1)σ²/(Kτ) (common.evograd):
+        # 1e-5 at the paper's K, σ, τ, against MWN's η = 0.1; rescale to MWN's η before the step.
+        scale = options["inner_lr"] / effective_inner_lr(options["n_candidates"], options["sigma"],
+                                                         options["temperature"])
+        for p in vnet.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
     vnet_optimizer.step()
     return meta_loss
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.evograd import (CandidateNoise, candidate_weights, evograd_hypergrad_low_memory, evograd_meta_loss,
-                            functional_forward, perturbable_params)
+from common.evograd import (CandidateNoise, candidate_weights, effective_inner_lr, evograd_hypergrad_low_memory,
+                            evograd_meta_loss, functional_forward, perturbable_params)
 from common.second_order import second_order_meta_loss
 from conftest import quadratic_problem
 
@@ -65,7 +65,8 @@ def test_mean_equals_second_order_step_with_effective_lr(kind, k):
     samples = torch.stack(samples)
     mean, standard_error = samples.mean(0), (samples.std(0) / draws ** 0.5).norm()
     lam.grad = None
-    eta_eff = (k - 1) * sigma ** 2 / (k * tau)
+    eta_eff = effective_inner_lr(k, sigma, tau)
+    assert eta_eff == pytest.approx((k - 1) * sigma ** 2 / (k * tau), rel=1e-15)
     second_order_meta_loss({"theta": theta}, train, val, inner_lr=eta_eff).backward()
     expected = lam.grad.clone()
     assert 4 * standard_error < 0.2 * expected.norm()     # precise enough to reject a 20 % scale error
@@ -227,6 +228,9 @@ def test_invalid_arguments_raise_value_error():
     for kwargs, word in cases:
         with pytest.raises(ValueError, match=word):
             evograd_meta_loss(p, train, val, **kwargs)
+        if "noise" not in kwargs:
+            with pytest.raises(ValueError, match=word):
+                effective_inner_lr(**{"n_candidates": 2, "sigma": 1e-3, "temperature": 0.05, **kwargs})
     with pytest.raises(ValueError, match="non-empty"):
         evograd_meta_loss({}, train, val)
     with pytest.raises(ValueError, match="scalar"):

@@ -23,7 +23,7 @@ from label_noise_mwn.bench import make_step
 from label_noise_mwn.data import (augment, corrupt_labels, corruption_matrix, load_dataset, make_noisy_split,
                                   normalize_batch)
 from label_noise_mwn.models import CifarResNet, VNet, normalized_weights
-from label_noise_mwn.mwn import PAPER_METHODS, method_choices, mwn_loss_fns, per_example_losses
+from label_noise_mwn.mwn import PAPER_METHODS, meta_step, method_choices, mwn_loss_fns, per_example_losses
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR pickle readers
@@ -242,12 +242,28 @@ def test_evograd_meta_gradient_graph_free_candidates_match_generic_path():
     assert all(torch.isfinite(g).all() for g in ours) and any(g.abs().sum() > 0 for g in ours)
 
 
+def test_scaled_evograd_step_is_evograd_times_eta_over_eta_eff():
+    model, vnet, x, y, meta_x, meta_y = _tiny_problem(1, torch.float64)
+    options = {"inner_lr": 0.1, "n_candidates": 3, "sigma": 1e-3, "temperature": 0.05, "noise": "sign"}
+    grads = {}
+    for method in ("mwn_evograd", "mwn_evograd_scaled"):
+        vnet_opt = torch.optim.SGD(vnet.parameters(), lr=0.0)  # lr 0: keeps VNet, leaves .grad to read
+        meta_step(method, model, vnet, vnet_opt, x, y, meta_x, meta_y,
+                  {**options, "generator": torch.Generator().manual_seed(5)})
+        grads[method] = [p.grad.clone() for p in vnet.parameters()]
+    scale = 0.1 / (2 * 1e-3 ** 2 / (3 * 0.05))   # η / η_eff with η_eff = (K-1)σ²/(Kτ), K = 3
+    for plain, scaled in zip(grads["mwn_evograd"], grads["mwn_evograd_scaled"]):
+        torch.testing.assert_close(scaled, plain * scale, rtol=1e-12, atol=0.0)
+    assert any(g.abs().sum() > 0 for g in grads["mwn_evograd"])
+
+
 def test_method_choices_include_estimators():
-    assert method_choices()[:3] == list(PAPER_METHODS)
+    assert method_choices()[:4] == [*PAPER_METHODS, "mwn_evograd_scaled"]
     assert {"evograd", "second_order", "evograd_low_memory"} <= set(method_choices())
 
 
-@pytest.mark.parametrize("method", [*PAPER_METHODS, "finite_difference", "unrolled", "multistep"])
+@pytest.mark.parametrize("method", [*PAPER_METHODS, "mwn_evograd_scaled", "finite_difference", "unrolled",
+                                    "multistep"])
 @pytest.mark.parametrize("config", [{"depth": 8, "width": 1, "batch": 4},
                                     {"depth": 8, "width": 1, "base_channels": 4, "channels": 1, "batch": 4,
                                      "inner_steps": 2, "window": 1}])
