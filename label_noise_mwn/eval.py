@@ -4,8 +4,9 @@
 
 Rebuilds the model from the configuration stored in the checkpoint, reads the same dataset
 (``--data-root`` overrides the stored one), prints the test accuracy and VNet's weight v(ℓ) at a
-few loss values (MWN's learned curve: low weight for high-loss, likely mislabelled, examples), and
-writes them to ``<checkpoint>.eval.json``.
+few loss values (MWN's learned curve: low weight for high-loss, likely mislabelled, examples) next
+to the curve of the run's initial VNet (rebuilt from the run's seed) and the relative change
+‖λ − λ_init‖ / ‖λ_init‖ of VNet's parameters, and writes them to ``<checkpoint>.eval.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from common.results import atomic_write_json, load_checkpoint
 from common.runtime import CLIError, run_cli, select_device
 from label_noise_mwn.data import load_dataset, normalize_batch
 from label_noise_mwn.models import CifarResNet, VNet
-from label_noise_mwn.mwn import accuracy
+from label_noise_mwn.mwn import accuracy, init_models
 
 LOSS_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -45,11 +46,19 @@ def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str =
     vnet.load_state_dict(state["vnet"])
     acc = accuracy(model, data.test_images, data.test_labels,
                    lambda imgs: normalize_batch(imgs, data.mean, data.std).to(dev))
+    _, vnet_init = init_models(config["seed"], data.num_classes, data.train_images.shape[1], config["depth"],
+                               config["width"], config["base_channels"], config["vnet_hidden"])
+    vnet_init = vnet_init.to(dev)
+    grid = torch.tensor(LOSS_GRID, device=dev).reshape(-1, 1)
     with torch.no_grad():
-        curve = vnet(torch.tensor(LOSS_GRID, device=dev).reshape(-1, 1)).reshape(-1).tolist()
+        curve, curve_init = (v(grid).reshape(-1).tolist() for v in (vnet, vnet_init))
+        final, init = (torch.cat([p.flatten() for p in v.parameters()]) for v in (vnet, vnet_init))
+        change = ((final - init).norm() / init.norm()).item()
     return {"checkpoint": str(checkpoint), "method": config["method"], "seed": config["seed"],
             "setting": config["setting"], "epoch": state["epoch"], "test_acc": acc,
-            "vnet_weight_at_loss": dict(zip(map(str, LOSS_GRID), curve))}
+            "vnet_weight_at_loss": dict(zip(map(str, LOSS_GRID), curve)),
+            "vnet_weight_at_loss_init": dict(zip(map(str, LOSS_GRID), curve_init)),
+            "vnet_relative_change": change}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

