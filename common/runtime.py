@@ -43,6 +43,32 @@ def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int
                         help="folder with the dataset files; default: the embedded offline data")
     parser.add_argument("--out", default=default_out, help="folder for results JSON files and figures")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    accept_both_spellings(parser)
+    return parser
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``--inner_steps`` and ``--inner-steps`` (any ``_``/``-`` swap) name the same flag.
+
+    The experiments grew different spellings (rotation ``--inner-steps``, MWN ``--inner_steps``);
+    a flag the parser does not know is replaced, before parsing, by its other spelling where the
+    parser knows that one. The help shows each flag's own spelling.
+    """
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        known = parser._option_string_actions
+        fixed = []
+        for token in sys.argv[1:] if args is None else args:
+            flag, eq, value = token.partition("=")
+            if flag.startswith("--") and flag not in known:
+                other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+                if other in known:
+                    token = other + eq + value
+            fixed.append(token)
+        return parse_known(fixed, namespace)
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
     return parser
 
 

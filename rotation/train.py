@@ -40,14 +40,14 @@ QUICK_EPOCHS = 15
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rotation.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--method", nargs="+", default=list(PAPER_METHODS), choices=METHODS,
+    parser.add_argument("--method", "--methods", nargs="+", default=list(PAPER_METHODS), choices=METHODS,
                         help="methods to run one after another (baseline: no transformer)")
     parser.add_argument("--epochs", type=positive(int), default=None,
                         help=f"passes over the training split (default 5; {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--batch-size", type=positive(int), default=128, help="training and validation batch size")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate of LeNet")
     parser.add_argument("--meta-lr", type=positive(float), default=1e-2, help="Adam learning rate of the angle (radians)")
-    parser.add_argument("--k", type=int, default=2, help="EvoGrad: number of model candidates K (>= 2)")
+    parser.add_argument("--k", "--n-candidates", type=int, default=2, help="EvoGrad: number of model candidates K (>= 2)")
     parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad: perturbation scale σ")
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad: softmax temperature τ")
     parser.add_argument("--noise", default="sign", choices=["sign", "gaussian"], help="EvoGrad: perturbation kind")
