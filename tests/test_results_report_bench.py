@@ -133,4 +133,5 @@ def test_bench_cli_runs_extra_methods_only_when_named():
     unknown = bench_cli("no_such_method")
     assert unknown.returncode == 2 and "has no method(s) ['no_such_method']" in unknown.stderr
     listing = subprocess.run([sys.executable, "-m", "common.bench", "--list"], capture_output=True, text=True)
-    assert "(also: evograd, " in listing.stdout
+    mwn_line = next(line for line in listing.stdout.splitlines() if line.startswith("label_noise_mwn:"))
+    assert "(also: mwn_evograd_scaled, evograd, " in mwn_line and "finite_difference" in mwn_line
