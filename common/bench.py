@@ -57,6 +57,14 @@ class Benchmark:
 
 
 REGISTRY: dict[str, Benchmark] = {}
+T_STEP_ESTIMATORS = ("unrolled", "multistep")  # the estimators that read a config's inner_steps / window
+
+
+def horizon_options(method: str, config: dict) -> dict:
+    """A config's ``inner_steps``/``window`` for the T-step estimators; ``{}`` for every other method."""
+    if method not in T_STEP_ESTIMATORS:
+        return {}
+    return {key: config[key] for key in ("inner_steps", "window") if key in config}
 
 
 def register_benchmark(name: str, *, methods: Sequence[str], reference: str,

@@ -16,11 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from common.bench import register_benchmark
+from common.bench import horizon_options, register_benchmark
 from label_noise_mwn.models import CifarResNet, VNet
 from label_noise_mwn.mwn import PAPER_METHODS, make_optimizers, method_choices, train_iteration
-
-T_STEP_METHODS = ("unrolled", "multistep")  # the methods that read a config's inner_steps / window
 
 
 @register_benchmark(
@@ -40,11 +38,8 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
                         config.get("base_channels", 16)).to(device)
     vnet = VNet().to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, 0.1, 0.9, True, 5e-4, 1e-3, 0.9, 5e-4)
-    steps = config.get("inner_steps", 1) if method in T_STEP_METHODS else 1
-    options = {"inner_lr": 0.1, "inner_steps": steps, "n_candidates": 2, "sigma": 1e-3, "temperature": 0.05,
-               "noise": "sign", "generator": torch.Generator().manual_seed(1)}
-    if "window" in config and method in T_STEP_METHODS:
-        options["window"] = config["window"]
+    options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": 2, "sigma": 1e-3, "temperature": 0.05,
+               "noise": "sign", "generator": torch.Generator().manual_seed(1), **horizon_options(method, config)}
 
     def step() -> None:
         train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)

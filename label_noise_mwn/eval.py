@@ -20,7 +20,7 @@ import torch
 from common.results import atomic_write_json, load_checkpoint
 from common.runtime import CLIError, run_cli, select_device
 from label_noise_mwn.data import load_dataset, normalize_batch
-from label_noise_mwn.models import CifarResNet, VNet
+from label_noise_mwn.models import VNet
 from label_noise_mwn.mwn import accuracy, init_models
 
 LOSS_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -39,16 +39,16 @@ def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str =
     config = state["config"]
     dev = select_device(device)
     data = load_dataset(config["dataset"], data_root if data_root is not None else config["data_root"])
-    model = CifarResNet(data.num_classes, config["depth"], config["width"], data.train_images.shape[1],
-                        config["base_channels"]).to(dev)
+    # the run's models as initialised from its seed: the classifier gets the saved weights, VNet is
+    # kept as the reference for how far training moved it
+    model, vnet_init = init_models(config["seed"], data.num_classes, data.train_images.shape[1], config["depth"],
+                                   config["width"], config["base_channels"], config["vnet_hidden"])
+    model, vnet_init = model.to(dev), vnet_init.to(dev)
     model.load_state_dict(state["model"])
     vnet = VNet(config["vnet_hidden"]).to(dev)
     vnet.load_state_dict(state["vnet"])
     acc = accuracy(model, data.test_images, data.test_labels,
                    lambda imgs: normalize_batch(imgs, data.mean, data.std).to(dev))
-    _, vnet_init = init_models(config["seed"], data.num_classes, data.train_images.shape[1], config["depth"],
-                               config["width"], config["base_channels"], config["vnet_hidden"])
-    vnet_init = vnet_init.to(dev)
     grid = torch.tensor(LOSS_GRID, device=dev).reshape(-1, 1)
     with torch.no_grad():
         curve, curve_init = (v(grid).reshape(-1).tolist() for v in (vnet, vnet_init))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from common.bench import register_benchmark
+from common.bench import horizon_options, register_benchmark
 from common.hypergrad import ESTIMATORS
 from rotation.data import BACKGROUND
 from rotation.model import LeNet, RotationTransformer
@@ -29,7 +29,6 @@ WIDTHS = (1, 2, 4, 8, 16)
 CONFIGS = tuple({"width": w, "k": 2, "batch": 128} for w in WIDTHS) + tuple(
     {"width": 1, "k": k, "batch": 128} for k in (5, 10)) + ({"width": 1, "k": 2, "batch": 128, "inner_steps": 5,
                                                             "window": 5},)
-T_STEP_METHODS = ("unrolled", "multistep")  # the methods that read a config's inner_steps / window
 
 
 @register_benchmark("rotation", methods=("evograd", "evograd_low_memory", "second_order"), reference="second_order",
@@ -48,8 +47,7 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     y, val_y = torch.randint(0, 10, (2, batch), device=device)
     options = {"n_candidates": config.get("k", 2), "sigma": 1e-3, "temperature": 0.05, "noise": "sign",
                "generator": torch.Generator().manual_seed(0), "inner_lr": 1e-3, "inner_steps": 1}
-    if method in T_STEP_METHODS:
-        options.update(inner_steps=config.get("inner_steps", 1), window=config.get("window"))
+    options.update(horizon_options(method, config))
 
     def step() -> None:
         model_step(model, optimizer, transformer, x, y)
