@@ -7,7 +7,11 @@ Problem (EvoGrad paper, Section 3.2):
 Figure 1: the EvoGrad hypergradient (mean ± std over trials, x ~ N(0,1), Gaussian noise σ = 1,
 τ = 0.5) against the ground truth for λ on a grid in [0.1, 2], for K = 2, 10, 100.
 Figure 2: (x, λ) trajectories from five starts, SGD on x and hypergradient descent on λ, EvoGrad
-against the ground truth, over the validation loss.
+against the ground truth, over the validation loss. Each step, as in the authors' notebook
+(``Illustration1d/illustration1D.ipynb``, trajectory cell), first moves x by SGD on L_train at the
+current λ and then takes the hypergradient at the new x (``--order x_first``);
+``--order hypergrad_first`` takes it at x before the step. The ground-truth path uses its own λ
+everywhere (the notebook feeds EvoGrad's λ into the true hypergradient; we do not copy that).
 
 All trials and λ values are one batch: candidates have shape [K, trials, grid] and the weights
 are ``common.evograd.candidate_weights`` over dim 0, so the script runs in seconds.
@@ -28,6 +32,7 @@ from common.results import write_results
 from common.runtime import CLIError, add_common_args, positive, run_cli, seed_everything, seeds_of, select_device
 
 STARTS = ((-1.8, 0.2), (-0.9, 1.2), (0.9, 0.8), (1.3, 0.2), (1.5, 1.7))
+ORDERS = ("x_first", "hypergrad_first")  # the authors' order first
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -41,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=positive(float), default=0.5, help="softmax temperature τ")
     parser.add_argument("--traj-steps", type=positive(int), default=5, help="steps of each trajectory")
     parser.add_argument("--traj-lr", type=positive(float), default=0.1, help="learning rate for x and λ")
+    parser.add_argument("--order", choices=ORDERS, default="x_first",
+                        help="x_first: step x, then take the hypergradient at the new x (the authors' notebook); "
+                             "hypergrad_first: take it at x before the step")
     add_common_args(parser, default_seeds=(0,), default_out="results/illustration_1d")
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.k_values):
@@ -108,21 +116,45 @@ def hypergradient_curves(args: argparse.Namespace, generator: torch.Generator) -
     return curves
 
 
+def trajectory(start: torch.Tensor, steps: int, lr: float, hypergrad_fn, order: str = "x_first") -> torch.Tensor:
+    """(x, λ) path of alternating SGD on x and hypergradient descent on λ.
+
+    One step with ``order="x_first"`` (the authors' notebook):
+        x' = x − lr · ∂L_train(x, λ)/∂x = x − 2 lr ((x − 1) + λx),   λ' = λ − lr · h(x', λ);
+    with ``order="hypergrad_first"``: λ' = λ − lr · h(x, λ), the same x'.
+
+    Args:
+        start: [n, 2] starting (x, λ) pairs.
+        steps: number of steps.
+        lr: learning rate of both updates.
+        hypergrad_fn: h(x, λ) -> dL_val/dλ, elementwise over the n paths.
+        order: ``x_first`` or ``hypergrad_first``.
+
+    Returns:
+        [n, steps + 1, 2] the path, start included.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    x, lam = start[:, 0].clone(), start[:, 1].clone()
+    path = [torch.stack([x, lam], 1)]
+    for _ in range(steps):
+        h = hypergrad_fn(x, lam) if order == "hypergrad_first" else None
+        x = x - lr * 2 * ((x - 1) + lam * x)                          # SGD on L_train at the current λ
+        if h is None:
+            h = hypergrad_fn(x, lam)
+        lam = lam - lr * h
+        path.append(torch.stack([x, lam], 1))
+    return torch.stack(path, 1)
+
+
 def trajectories(args: argparse.Namespace, generator: torch.Generator) -> dict:
     """Figure 2 data: (x, λ) paths from the five starts, EvoGrad per K and the ground truth."""
     start = torch.tensor(STARTS, dtype=torch.float64)                    # [5, 2]
 
     def run(hypergrad_fn) -> list:
-        x, lam = start[:, 0].clone(), start[:, 1].clone()
-        path = [torch.stack([x, lam], 1)]
-        for _ in range(args.traj_steps):
-            h = hypergrad_fn(x, lam)
-            x = x - args.traj_lr * 2 * ((x - 1) + lam * x)               # SGD on L_train
-            lam = lam - args.traj_lr * h
-            path.append(torch.stack([x, lam], 1))
-        return torch.stack(path, 1).tolist()                              # [start, step, (x, λ)]
+        return trajectory(start, args.traj_steps, args.traj_lr, hypergrad_fn, args.order).tolist()
 
-    paths = {"truth": run(lambda x, lam: true_hypergradient(lam))}
+    paths = {"truth": run(lambda x, lam: true_hypergradient(lam))}      # its own λ (the notebook uses EvoGrad's)
     for k in args.k_values:
         paths[str(k)] = run(lambda x, lam, k=k: evograd_hypergradient(
             x, lam, args.sigma * torch.randn(k, *x.shape, generator=generator, dtype=x.dtype), args.temperature))
@@ -146,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics[f"mae_k{k}"] = c["mae"]
             print(f"K = {k:>3}: Pearson r = {c['pearson_r']:.4f}, MAE = {c['mae']:.4f} "
                   f"({args.trials} trials x {args.grid} λ in {c['seconds']:.3f} s)")
+        truth_end = torch.tensor(paths["truth"])[:, -1, 1]
+        for k in args.k_values:  # how far EvoGrad's final λ ends from the ground truth's, mean over starts
+            gap = (torch.tensor(paths[str(k)])[:, -1, 1] - truth_end).abs().mean().item()
+            metrics[f"traj_final_lambda_gap_k{k}"] = gap
+            print(f"K = {k:>3}: trajectories ({args.order}), mean |λ_T − λ_T(truth)| = {gap:.4f}")
         metrics["curves"] = curves
         metrics["trajectories"] = paths
         config = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds")}

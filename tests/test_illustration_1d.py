@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common.evograd import CandidateNoise, evograd_meta_loss
-from illustration_1d.train import evograd_hypergradient, main, parse_args, hypergradient_curves, true_hypergradient
+from illustration_1d.train import (evograd_hypergradient, hypergradient_curves, main, parse_args, trajectory,
+                                   true_hypergradient)
 
 
 def test_true_hypergradient_is_the_derivative_of_the_optimal_validation_loss():
@@ -52,11 +53,33 @@ def test_correlation_with_ground_truth_rises_with_k():
     assert curves["100"]["mae"] < curves["2"]["mae"]
 
 
+@pytest.mark.parametrize("order", ["x_first", "hypergrad_first"])
+def test_trajectory_order_steps_x_before_the_hypergradient_by_default(order):
+    """The authors' notebook steps x first, then takes the hypergradient at the new x (our default)."""
+    assert parse_args([]).order == "x_first"
+    start = torch.tensor([[-1.8, 0.2], [0.9, 0.8]], dtype=torch.float64)
+    seen = []
+
+    def hypergrad(x, lam):  # records where it is taken; returns x so that λ' shows it too
+        seen.append(x.clone())
+        return x
+
+    path = trajectory(start, 1, 0.1, hypergrad, order)
+    x_stepped = start[:, 0] - 0.2 * ((start[:, 0] - 1) + start[:, 1] * start[:, 0])
+    x_at = x_stepped if order == "x_first" else start[:, 0]
+    torch.testing.assert_close(seen[0], x_at, rtol=0, atol=1e-15)
+    torch.testing.assert_close(path[:, 1, 0], x_stepped, rtol=0, atol=1e-15)
+    torch.testing.assert_close(path[:, 1, 1], start[:, 1] - 0.1 * x_at, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="order"):
+        trajectory(start, 1, 0.1, hypergrad, "sideways")
+
+
 def test_cli_writes_results_and_figures(tmp_path):
     main(["--quick", "--out", str(tmp_path), "--seed", "1"])
     record = json.loads((tmp_path / "illustration_1d_evograd_seed1.json").read_text())
     assert record["metrics"]["pearson_r_k100"] > 0.9
     assert len(record["metrics"]["trajectories"]["truth"]) == 5
+    assert record["config"]["order"] == "x_first" and record["metrics"]["traj_final_lambda_gap_k100"] >= 0
     for name in ("hypergradients", "trajectories"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.pdf").is_file()
     out = subprocess.run([sys.executable, "-m", "illustration_1d.eval", "--out", str(tmp_path)],
