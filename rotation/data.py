@@ -9,7 +9,9 @@ Full MNIST (60,000 training images, 10,000 test images):
 
 The embedded 5,000-digit subset (``common.mnist``: 4,286 train, 714 test) is cut in the same
 proportions (4/6, 1/6, 1/6 of its training part). Images are normalised with MNIST's mean and
-std; rotations fill the corners with the normalised value of black.
+std. The fixed 30° rotation of validation and test images fills the corners with black; it is
+nearest-neighbour by default, as the authors' ``transforms.RandomRotation([30, 30])`` on PIL
+images (``interpolation="bilinear"``: our earlier choice).
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ from common.mnist import MNIST_MEAN, MNIST_STD, load_mnist, normalize
 from rotation.model import rotate_images
 
 BACKGROUND = (0.0 - MNIST_MEAN) / MNIST_STD  # normalised value of a black pixel
+# corner value of the learned rotation and of the rotated-back metric, in normalised space:
+# zero = grid_sample's padding, grey (the authors'); background = black (ours)
+FILLS = {"zero": 0.0, "background": BACKGROUND}
+INTERPOLATIONS = ("nearest", "bilinear")  # of the fixed rotation of validation/test images; the authors' first
 SPLIT_FRACTIONS = (4 / 6, 1 / 6, 1 / 6)      # train / held-out / validation, of MNIST's 60,000
 
 
@@ -54,28 +60,42 @@ def split_bounds(n_train_images: int) -> tuple[int, int]:
     return end_train, end_heldout
 
 
-def rotate_dataset(images: Tensor, degrees: float, chunk: int = 5000) -> Tensor:
-    """Rotate normalised images [N, 1, 28, 28] by a fixed angle (no graph), in chunks."""
+def rotate_dataset(images: Tensor, degrees: float, fill: float = BACKGROUND, mode: str = "bilinear",
+                   chunk: int = 5000) -> Tensor:
+    """Rotate normalised images [N, 1, 28, 28] by a fixed angle (no graph), in chunks.
+
+    ``fill`` is the corner value (normalised), ``mode`` ``bilinear`` or ``nearest``.
+    """
     angle = math.radians(degrees)
     with torch.no_grad():
-        return torch.cat([rotate_images(images[i:i + chunk], angle, BACKGROUND)
+        return torch.cat([rotate_images(images[i:i + chunk], angle, fill, mode)
                           for i in range(0, len(images), chunk)]) if len(images) else images.clone()
 
 
-def load_rotation_data(data_root: str | None, download: bool = False, rotation_deg: float = 30.0) -> RotationData:
+def load_rotation_data(data_root: str | None, download: bool = False, rotation_deg: float = 30.0,
+                       interpolation: str = "nearest") -> RotationData:
     """Load MNIST (IDX files in ``data_root``, or the embedded subset) and build the four splits.
 
+    ``interpolation`` (``nearest``, the authors', or ``bilinear``) rotates validation and test
+    images by ``rotation_deg``, corners black.
+
     Raises:
+        ValueError: on an unknown ``interpolation``.
         common.runtime.DataError: on missing or corrupt files (from ``common.mnist``).
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     mnist = load_mnist(data_root, download=download)
     images, labels = normalize(mnist.train_images), mnist.train_labels
     end_train, end_heldout = split_bounds(len(labels))
+
+    def rotate(x: Tensor) -> Tensor:
+        return rotate_dataset(x, rotation_deg, BACKGROUND, interpolation)
     return RotationData(
         train_x=images[:end_train], train_y=labels[:end_train],
         heldout_x=images[end_train:end_heldout], heldout_y=labels[end_train:end_heldout],
-        val_x=rotate_dataset(images[end_heldout:], rotation_deg), val_y=labels[end_heldout:],
-        test_x=rotate_dataset(normalize(mnist.test_images), rotation_deg), test_y=mnist.test_labels,
+        val_x=rotate(images[end_heldout:]), val_y=labels[end_heldout:],
+        test_x=rotate(normalize(mnist.test_images)), test_y=mnist.test_labels,
         rotation_deg=rotation_deg, source=mnist.source,
     )
 

@@ -25,22 +25,25 @@ def rotation_grid(angle: Tensor, size: torch.Size) -> Tensor:
     return F.affine_grid(theta.expand(size[0], 2, 3), list(size), align_corners=False)
 
 
-def rotate_images(images: Tensor, angle: Tensor | float, fill: float = 0.0) -> Tensor:
-    """Rotate a batch by one angle, differentiably in both the images and the angle.
+def rotate_images(images: Tensor, angle: Tensor | float, fill: float = 0.0, mode: str = "bilinear") -> Tensor:
+    """Rotate a batch by one angle, differentiably in both the images and the angle (bilinear).
 
     Args:
         images: [N, C, H, W].
         angle: radians; a float or a 1-element tensor (gradients flow to it through the grid).
-        fill: value of the pixels that come from outside the image (the background; for
-            normalised MNIST that is the normalised value of black, not 0).
+        fill: value of the pixels that come from outside the image. The authors' transformer
+            leaves ``grid_sample``'s 0, which for normalised MNIST is grey (pixel 0.1307); the
+            normalised value of black is ``rotation.data.BACKGROUND``.
+        mode: ``bilinear`` or ``nearest`` (the latter as torchvision's ``RandomRotation`` default,
+            which made the authors' rotated validation and test images; no gradient to the angle).
 
     Returns:
-        Rotated images, [N, C, H, W], bilinear interpolation.
+        Rotated images, [N, C, H, W].
     """
     angle = torch.as_tensor(angle, dtype=images.dtype, device=images.device)
     grid = rotation_grid(angle, images.shape)
     # grid_sample pads with zeros: shift so that the padding equals ``fill``.
-    return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return F.grid_sample(images - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
 
 
 class RotationTransformer(nn.Module):

@@ -54,7 +54,7 @@ def pretrained_lenet(data, seed: int, device: torch.device, cache_dir: Path) -> 
 def build_rotation(n_instances: int, seed: int, device: torch.device, quick: bool,
                    cache_dir: Path) -> list[ProblemInstance]:
     """One instance per angle in ``ANGLES_DEG``, each with its own training and validation batch."""
-    data = load_rotation_data(None)
+    data = load_rotation_data(None, interpolation="bilinear")  # fixed instances: bilinear, black corners
     model = pretrained_lenet(data, seed, device, cache_dir)
     gen = torch.Generator().manual_seed(seed + 1)
     steps = 20 if quick else REFERENCE_STEPS

