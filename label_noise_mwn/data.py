@@ -2,7 +2,7 @@
 
     data = load_dataset("cifar10", data_root)            # uint8 images [N, C, 32, 32], int64 labels
     split = make_noisy_split(data.train_labels, num_classes, num_meta=1000,
-                             corruption="unif", corruption_prob=0.4, seed=1)
+                             corruption="unif", corruption_prob=0.4, seed=2, meta_seed=1)
     x = augment(normalize_batch(images_uint8, data.mean, data.std), generator, flip=True)
 
 CIFAR is read from the official python-pickle archives (``cifar-10-batches-py/``,
@@ -185,10 +185,42 @@ class NoisySplit:
         """Fraction of training labels that differ from the true label."""
         return (self.train_labels != self.clean_labels).float().mean().item()
 
+    @property
+    def meta_in_train(self) -> int:
+        """Number of meta images that are also in the (noisy) training set."""
+        return int(np.isin(self.meta_index.numpy(), self.train_index.numpy()).sum())
+
+
+def _class_split(labels: np.ndarray, num_classes: int, per_class: int,
+                 rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Shuffle each class's indices with ``rng``; the first ``per_class`` of each go to meta, the rest to train."""
+    meta, rest = [], []
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) <= per_class:
+            raise ValueError(f"class {c} has {len(idx)} images, not enough for {per_class} meta images")
+        meta.append(idx[:per_class])
+        rest.append(idx[per_class:])
+    return meta, rest
+
 
 def make_noisy_split(labels: torch.Tensor, num_classes: int, num_meta: int, corruption: str,
-                     corruption_prob: float, seed: int, train_size: int | None = None) -> NoisySplit:
-    """Remove a clean class-balanced meta set of ``num_meta`` images, corrupt the rest's labels.
+                     corruption_prob: float, seed: int, train_size: int | None = None,
+                     meta_seed: int | None = 1) -> NoisySplit:
+    """A clean class-balanced meta set of ``num_meta`` images and a training set with corrupted labels.
+
+    Two protocols:
+
+    * ``meta_seed`` an integer (default 1: the authors' ``load_corrupted_data.py``, where the meta
+      set and the flip matrices always come from seed 1): the meta set is the first num_meta / C
+      images of each class shuffled by ``meta_seed``, the corruption matrix is drawn from
+      ``meta_seed``; the training set is what remains of each class shuffled by ``seed`` and its
+      noisy labels are drawn from ``seed``. When ``seed != meta_seed`` most meta images are also in
+      the training set, there with possibly corrupted labels (``NoisySplit.meta_in_train``).
+    * ``meta_seed=None`` (ours): one stream from ``seed`` draws the meta split, the training set,
+      the corruption matrix and the labels; meta and training sets are disjoint for every seed.
+
+    With ``seed == meta_seed`` and ``unif`` noise both protocols give the same split.
 
     Args:
         labels: true training labels, int64 [N].
@@ -196,8 +228,9 @@ def make_noisy_split(labels: torch.Tensor, num_classes: int, num_meta: int, corr
         num_meta: size of the clean meta set (num_meta / C images per class).
         corruption: ``unif``, ``flip`` or ``flip2``.
         corruption_prob: p.
-        seed: seeds the meta split, the corruption matrix and the label draws.
+        seed: seeds the training set and the label draws (and, with ``meta_seed=None``, everything).
         train_size: keep only this many (random) noisy training examples; None keeps all.
+        meta_seed: seed of the meta set and the corruption matrix, or None for ours (above).
 
     Raises:
         ValueError: if ``num_meta`` is not a multiple of C or a class has too few images.
@@ -207,17 +240,14 @@ def make_noisy_split(labels: torch.Tensor, num_classes: int, num_meta: int, corr
     rng = np.random.default_rng(seed)
     labels_np = labels.numpy()
     per_class = num_meta // num_classes
-    meta, rest = [], []
-    for c in range(num_classes):
-        idx = rng.permutation(np.flatnonzero(labels_np == c))
-        if len(idx) <= per_class:
-            raise ValueError(f"class {c} has {len(idx)} images, not enough for {per_class} meta images")
-        meta.append(idx[:per_class])
-        rest.append(idx[per_class:])
+    meta, rest = _class_split(labels_np, num_classes, per_class, rng)
+    if meta_seed is not None:  # the authors': the meta set from its own seed, the training set from ``seed``
+        meta, _ = _class_split(labels_np, num_classes, per_class, np.random.default_rng(meta_seed))
     train_index = rng.permutation(np.concatenate(rest))
     if train_size is not None:
         train_index = train_index[:train_size]
-    matrix = corruption_matrix(corruption, corruption_prob, num_classes, rng)
+    matrix_rng = rng if meta_seed is None else np.random.default_rng(meta_seed)
+    matrix = corruption_matrix(corruption, corruption_prob, num_classes, matrix_rng)
     clean = labels_np[train_index]
     noisy = corrupt_labels(clean, matrix, rng)
     return NoisySplit(torch.from_numpy(train_index), torch.from_numpy(noisy), torch.from_numpy(clean),

@@ -52,7 +52,7 @@ def pretrained_resnet(data, split, seed: int, device: torch.device, cache_dir: P
 def build_mwn(n_instances: int, seed: int, device: torch.device, quick: bool, cache_dir: Path) -> list[ProblemInstance]:
     """``n_instances`` (noisy batch, clean meta batch) pairs of ``BATCH`` images at the checkpoint."""
     data = load_dataset("mnist", None)
-    split = make_noisy_split(data.train_labels, data.num_classes, NUM_META, *NOISE, seed)
+    split = make_noisy_split(data.train_labels, data.num_classes, NUM_META, *NOISE, seed, meta_seed=None)  # disjoint
     model = pretrained_resnet(data, split, seed, device, cache_dir)
     torch.manual_seed(seed)
     vnet = VNet().to(device)

