@@ -33,6 +33,7 @@ from torch import Tensor
 
 from common.runtime import positive
 
+from common.distributed import data_parallel
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
@@ -108,6 +109,7 @@ def estimator_options(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
 
 
+@data_parallel(returns_meta_loss=False)
 def meta_backward(
     method: str,
     params: Mapping[str, Tensor],
