@@ -156,7 +156,7 @@ def mark_gradient_summed_elsewhere(tensors: Iterable[Tensor]) -> None:
 # leaf hooks: one per leaf, reference-counted by the meta steps that need it
 # ---------------------------------------------------------------------------------------------
 
-_leaf_hooks: dict[int, list] = {}  # id(leaf) -> [hook handle, number of open meta steps using it]
+_leaf_hooks: dict[int, list] = {}  # id(leaf) -> [hook handle, open meta steps using it, the leaf (kept alive)]
 
 
 def _sum_leaf_grad(grad: Tensor) -> Tensor:
@@ -178,7 +178,7 @@ class _MetaStep:
             self.leaf_ids.add(key)
             entry = _leaf_hooks.get(key)
             if entry is None:
-                _leaf_hooks[key] = [leaf.register_hook(_sum_leaf_grad), 1]
+                _leaf_hooks[key] = [leaf.register_hook(_sum_leaf_grad), 1, leaf]
             else:
                 entry[1] += 1
 

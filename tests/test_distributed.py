@@ -153,16 +153,17 @@ def test_two_ranks_half_batch_match_one_process_whole_batch():
     mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
-def test_without_process_group_nothing_is_wrapped():
-    """No process group: the estimators see the caller's own loss callables (no wrapper, no hooks)."""
+def test_without_process_group_estimators_get_the_callers_own_losses(monkeypatch):
+    """No process group: no loss wrapper, no leaf hook, no collective, for every estimator."""
+    import common.distributed as distributed
+
+    def fail(*args, **kwargs):
+        raise AssertionError("data-parallel machinery used without a process group")
+
+    for name in ("all_ranks_loss", "_AllRanksSum", "_MetaStep"):
+        monkeypatch.setattr(distributed, name, fail)
     assert not is_distributed()
-    seen = []
-    params, hyper, train, val = problem("input", None)
-
-    def spy_train(p):
-        seen.append(type(next(iter(p.values()))))
-        return train(p)
-
-    meta_backward("evograd", params, hyper, spy_train, val, **OPTIONS)
-    assert seen and all(t is torch.Tensor for t in seen)
-    assert not hyper[0]._backward_hooks
+    for kind, name in CASES:
+        grad, _ = run_case(kind, name, rank=None, seed=SEED)
+        assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    assert not distributed._leaf_hooks
