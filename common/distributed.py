@@ -39,17 +39,19 @@ EvoGrad avoids the parameter-sized all-reduce at θ*: ``common.evograd`` marks �
 ``mark_gradient_summed_elsewhere`` so the loss wrapper leaves its gradient rank-local, and sums
 the K dot products ∂L/∂w_k = <∇_θ* L, ε_k> instead (``sum_over_ranks``): 8K bytes, not 4|θ|.
 
-Communication per meta step (b bytes per element, |θ| and |λ| element counts, T inner steps, K
-candidates, W window; every loss call adds one all-reduce of one scalar, b bytes):
+Communication per meta step through ``meta_backward`` (b bytes per element, |θ| and |λ| element
+counts, T inner steps, K candidates, W window; each gradient w.r.t. θ is one flat all-reduce, each
+λ leaf one all-reduce per gradient call that reaches it; ``tests/test_distributed.py`` counts them):
 
-    evograd             8K (seeds) + (K+1) b (losses) + 8K (∂L/∂w, float64) + |λ| b (λ hook, once)
-    evograd_low_memory  as evograd, but the λ hook fires in each of the K+1 gradient calls: (K+1)|λ| b
-    second_order /      T |θ| b (inner gradients, forward) + (T+1) |θ| b (backward through the
-    unrolled            unroll and L_val) + |λ| b + (T+1) b
-    second_order_func   as second_order
+    evograd             8K (seed broadcast) + (K+1) b (losses) + 8K (∂L/∂w_k, float64) + |λ| b
+    evograd_low_memory  as evograd, with the λ hook in each of the K (K+1 if L_val reads λ)
+                        gradient calls: 16K + (K+1) b + K |λ| b
+    second_order,       T |θ| b (inner gradients, forward) + T |θ| b (backward: L_val's input and
+    unrolled,           θ_1..θ_{T−1}; one more |θ| b if the backward also reaches θ) + |λ| b
+    second_order_func   + (T+1) b
     multistep           as second_order with ⌈T/W⌉ in place of T
-    finite_difference   2 |θ| b (∇_θ L_train, ∇_θ' L_val) + up to 3 |λ| b (∇_λ at θ ± εv and the
-                        direct term) + 4 b
+    finite_difference   2 |θ| b (∇_θ L_train, ∇_θ' L_val) + 2 |λ| b (∇_λ at θ ± εv; 3 if L_val
+                        reads λ) + 4 b
 
 All-reduce traffic per rank is about twice these sizes on a ring. Ranks must build the same graph
 (the same code on equally shaped shards): collectives run in the autograd engine's order, which
@@ -104,19 +106,22 @@ class _AllRanksSum(torch.autograd.Function):
 
 
 class _RanksShare(torch.autograd.Function):
-    """Replicated → local: the identity forward; the backward sums the rank-local gradients (differentiably)."""
+    """Replicated → local for several tensors: identity forward; the backward sums the rank-local
+    gradients over ranks, all tensors in one flat all-reduce, differentiably (``_AllRanksSum``)."""
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.view_as(x)
+    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        ctx.like = [(t.shape, t.dtype, t.device) for t in inputs]
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return _AllRanksSum.apply(grad)
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g for g, (s, d, dev) in zip(grads, ctx.like)]
+        flat = _AllRanksSum.apply(torch.cat([g.reshape(-1).to(grads[0].dtype) for g in grads]))
+        return tuple(part.view(s).to(d) for part, (s, d, _) in zip(flat.split([g.numel() for g in grads]), ctx.like))
 
 
 _OWN_NODES = ("_AllRanksSumBackward", "_RanksShareBackward")
@@ -239,8 +244,10 @@ def all_ranks_loss(loss_fn: Callable[[dict[str, Tensor]], Tensor]) -> Callable[[
     loss_fn = getattr(loss_fn, "local_loss_fn", loss_fn)
 
     def all_ranks(params: dict[str, Tensor]) -> Tensor:
-        shared = {n: _RanksShare.apply(t) if t.requires_grad and not getattr(t, _SUMMED_ELSEWHERE, False) else t
-                  for n, t in params.items()}
+        shared = dict(params)
+        names = [n for n, t in params.items() if t.requires_grad and not getattr(t, _SUMMED_ELSEWHERE, False)]
+        if names:
+            shared.update(zip(names, _RanksShare.apply(*(params[n] for n in names))))
         local = loss_fn(shared)
         if not isinstance(local, Tensor):
             return local  # the estimator's own check reports it

@@ -23,6 +23,8 @@ candidates, W window):
 (plus one validation forward/backward for every method). The estimators' docstrings in
 ``common.evograd``, ``common.second_order`` and ``common.estimators`` give the details.
 ``add_estimator_args`` / ``estimator_options`` give CLIs the flags of all of them at once.
+Under ``torch.distributed`` every method gives the whole batch's hypergradient on every rank,
+with the same call (``common.distributed``, which lists what each method communicates).
 """
 from __future__ import annotations
 

@@ -137,8 +137,30 @@ def worker(rank: int, port: int) -> None:
                 failures.append(f"{case}: rel. error {error:.2e} (half batch alone {alone_error:.2e}), "
                                 f"val loss {value} vs {ref_value}, ranks equal {torch.equal(both[0], both[1])}")
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
+        check_evograd_communication()
     finally:
         dist.destroy_process_group()
+
+
+def check_evograd_communication() -> None:
+    """EvoGrad sends seeds, K + 1 losses, K dot products and λ's gradient: nothing of θ's size."""
+    sizes, all_reduce, broadcast = [], dist.all_reduce, dist.broadcast
+
+    def count(collective):
+        def counted(tensor, *args, **kwargs):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return collective(tensor, *args, **kwargs)
+        return counted
+
+    dist.all_reduce, dist.broadcast = count(all_reduce), count(broadcast)
+    try:
+        params, hyper, train, val = problem("inside", dist.get_rank())
+        meta_backward("evograd", params, hyper, train, val, **OPTIONS)
+    finally:
+        dist.all_reduce, dist.broadcast = all_reduce, broadcast
+    k, lam = OPTIONS["n_candidates"], hyper[0].numel()
+    expected = [8 * k] + [8] * (k + 1) + [8 * k, 8 * lam]  # float64 losses and λ
+    assert sizes == expected, f"EvoGrad collectives (bytes) {sizes}, expected {expected}"
 
 
 def free_port() -> int:
