@@ -65,6 +65,7 @@ backpropagated keeps its leaf hooks until it is garbage collected.
 from __future__ import annotations
 
 import functools
+import os
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 
@@ -330,3 +331,88 @@ def data_parallel(returns_meta_loss: bool) -> Callable:
             return result
         return wrapper
     return decorate
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments under torchrun: process group, shards of the global batch, averaged model gradients
+# ---------------------------------------------------------------------------------------------
+
+def launched_by_torchrun() -> bool:
+    """True in a process started by ``torchrun`` with more than one process in all (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_data_parallel(device: torch.device) -> torch.device:
+    """Join the ``torchrun`` process group (nccl on CUDA, gloo on CPU); return this rank's device.
+
+    Outside ``torchrun`` (or with one process) nothing happens and ``device`` is returned. On CUDA
+    each rank takes the GPU numbered by its ``LOCAL_RANK``.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def close_data_parallel() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of ranks N (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that prints, writes results, figures and checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(batch: Tensor) -> Tensor:
+    """This rank's contiguous share of a global batch (the whole batch without a process group).
+
+    Every rank holds the same global batch (same seed, same data order); rank r keeps part r of
+    ``batch.tensor_split(N)``, so shards differ in size by at most one item.
+
+    Raises:
+        ValueError: if the batch has fewer items than there are ranks.
+    """
+    n = world_size()
+    if len(batch) < n:
+        raise ValueError(f"a batch of {len(batch)} items cannot be split over {n} processes")
+    return batch.tensor_split(n)[rank()] if n > 1 else batch
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """``p.grad ← (1/N) Σ_r p.grad_r`` for the module's parameters, in one flat all-reduce.
+
+    What ``DistributedDataParallel`` does after ``backward()`` (without overlapping it with the
+    backward pass); keeping the module unwrapped leaves its parameter names, hence
+    ``functional_forward`` on it, unchanged. Nothing happens without a process group.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device(grads[0]))
+    dist.all_reduce(flat)
+    flat = flat.to(grads[0].device) / dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

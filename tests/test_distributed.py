@@ -10,8 +10,13 @@ traceback; the group has a timeout, so a rank that waits for a dead peer cannot 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from common.evograd import _prepare, evograd_meta_loss, functional_forward, pert
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
+ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 BATCH = 8          # whole batch; each rank takes BATCH / WORLD
 SEED = 7           # the generator seed of the single process and of rank 0
@@ -189,3 +195,31 @@ def test_without_process_group_estimators_get_the_callers_own_losses(monkeypatch
         grad, _ = run_case(kind, name, rank=None, seed=SEED)
         assert torch.isfinite(grad).all() and grad.abs().max() > 0
     assert not distributed._leaf_hooks
+
+
+def torchrun(*args: str, out) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m rotation.train ...`` on CPU (gloo), with a timeout."""
+    env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "-m", "rotation.train", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_torchrun_rotation_two_processes_write_one_results_file(tmp_path):
+    proc = torchrun("--epochs", "1", "--batch-size", "512", "--method", "evograd", out=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == ["rotation_mnist5k-quick_evograd_seed1.json"], files
+    record = json.loads((tmp_path / files[0]).read_text())
+    assert record["config"]["processes"] == WORLD
+    assert len(record["metrics"]["angles_deg"]) == math.ceil(2857 / 512) and record["metrics"]["angle_deg"] != 0.0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["rotation_mnist5k-quick_evograd_seed1.pt"]
+    assert proc.stdout.count("evograd seed 1: rotated test") == 1, proc.stdout  # only rank 0 prints
+
+
+def test_torchrun_bad_batch_size_stops_every_rank_with_one_line(tmp_path):
+    proc = torchrun("--epochs", "1", "--batch-size", "2856", "--method", "evograd", out=tmp_path)  # 2857 % 2856 = 1
+    assert proc.returncode != 0
+    assert "error: --batch-size 2856 gives a training batch of 1 item(s), fewer than the 2 processes" in proc.stderr, \
+        proc.stderr
+    assert not list(tmp_path.glob("*.json"))
