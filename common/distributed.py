@@ -37,7 +37,7 @@ initialised (one ``is_initialized()`` check per call) and otherwise does three t
 
 EvoGrad avoids the parameter-sized all-reduce at θ*: ``common.evograd`` marks θ* with
 ``mark_gradient_summed_elsewhere`` so the loss wrapper leaves its gradient rank-local, and sums
-the K dot products ∂L/∂w_k = <∇_θ* L, ε_k> instead (``sum_over_ranks``): 8K bytes, not 4|θ|.
+the K dot products ∂L/∂w_k = <∇_θ* L, ε_k> instead (``sum_over_ranks``): 8K bytes, not |θ| b.
 
 Communication per meta step through ``meta_backward`` (b bytes per element, |θ| and |λ| element
 counts, T inner steps, K candidates, W window; each gradient w.r.t. θ is one flat all-reduce, each
@@ -53,20 +53,28 @@ counts, T inner steps, K candidates, W window; each gradient w.r.t. θ is one fl
     finite_difference   2 |θ| b (∇_θ L_train, ∇_θ' L_val) + 2 |λ| b (∇_λ at θ ± εv; 3 if L_val
                         reads λ) + 4 b
 
-All-reduce traffic per rank is about twice these sizes on a ring. Ranks must build the same graph
-(the same code on equally shaped shards): collectives run in the autograd engine's order, which
+All-reduce traffic per rank is about twice these sizes on a ring. Ranks must run the same code,
+hence build graphs of the same structure: collectives run in the autograd engine's order, which
 is then the same on every rank.
 
 Not covered: BatchNorm in training mode keeps per-rank batch statistics (the sharded hypergradient
 then legitimately differs from the whole-batch one); unequal shards weight ranks equally; a
-leaf's gradient is summed only while its meta step lasts, so a meta loss that is built and never
-backpropagated keeps its leaf hooks until it is garbage collected.
+returned meta loss's step closes at the end of its first ``backward()`` (a second one, with
+``retain_graph``, would sum no leaf gradient), and one never backpropagated keeps its leaf hooks
+until its graph is garbage collected; a rank whose own code raises before a collective leaves
+the others waiting until the process group's timeout (``torchrun`` stops every rank when one
+exits with an error).
+
+The second half of the module serves experiments launched by ``torchrun``: ``init_data_parallel``
+(nccl on CUDA, gloo on CPU), ``shard`` (this rank's part of a global batch), ``average_gradients``
+(the base model's gradients averaged over ranks, as DDP does), ``is_main_process`` (rank 0 prints
+and writes), ``barrier``, ``close_data_parallel``.
 """
 from __future__ import annotations
 
 import functools
-import os
 import inspect
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
