@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from common.distributed import is_distributed
+from common.distributed import average_gradients, is_distributed, rank, shard
 from common.estimators import multistep_meta_loss
 from common.evograd import _prepare, evograd_meta_loss, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
@@ -39,6 +40,8 @@ OPTIONS = dict(n_candidates=3, sigma=1e-2, temperature=0.05, noise="sign", inner
                window=2, fd_epsilon=1e-3)
 DIRECT = {  # differentiable meta losses called as ``fn(params, train, val, **options).backward()``
     "evograd_meta_loss": (evograd_meta_loss, ("n_candidates", "sigma", "temperature", "noise", "generator")),
+    "evograd_meta_loss_diagnostics": (evograd_meta_loss, ("n_candidates", "sigma", "temperature", "noise", "generator",
+                                                          "return_diagnostics")),
     "second_order_meta_loss": (second_order_meta_loss, ("inner_lr", "inner_steps")),
     "second_order_meta_loss_func": (second_order_meta_loss_func, ("inner_lr", "inner_steps")),
     "multistep_meta_loss": (multistep_meta_loss, ("inner_lr", "inner_steps", "window")),
@@ -99,8 +102,10 @@ def run_case(kind: str, name: str, rank: int | None, seed: int) -> tuple[torch.T
     generator = torch.Generator().manual_seed(seed)
     if name in DIRECT:
         fn, accepted = DIRECT[name]
-        options = {k: v for k, v in {**OPTIONS, "generator": generator}.items() if k in accepted}
+        options = {k: v for k, v in {**OPTIONS, "generator": generator, "return_diagnostics": True}.items()
+                   if k in accepted}
         loss = fn(params, train, val, **options)
+        loss = loss.val_loss if isinstance(loss, tuple) else loss
         loss.backward()
         value = loss.item()
     else:
@@ -144,6 +149,7 @@ def worker(rank: int, port: int) -> None:
                                 f"val loss {value} vs {ref_value}, ranks equal {torch.equal(both[0], both[1])}")
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_evograd_communication()
+        check_model_gradients_averaged()
     finally:
         dist.destroy_process_group()
 
@@ -169,6 +175,21 @@ def check_evograd_communication() -> None:
     assert sizes == expected, f"EvoGrad collectives (bytes) {sizes}, expected {expected}"
 
 
+def check_model_gradients_averaged() -> None:
+    """``shard`` + ``average_gradients``: the base model's gradient of the whole batch on every rank."""
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(BATCH, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=g)
+    whole = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    idx = shard(torch.arange(BATCH))
+    assert len(idx) == BATCH // WORLD and idx[0].item() == rank() * BATCH // WORLD
+    F.cross_entropy(model(x[idx]), y[idx]).backward()
+    average_gradients(model)
+    for p, ref in zip(model.parameters(), whole):
+        assert torch.allclose(p.grad, ref, rtol=1e-10, atol=1e-12), "averaged model gradients differ from one process's"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,7 +199,13 @@ def free_port() -> int:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_ranks_half_batch_match_one_process_whole_batch():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+    context = mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):  # raises with the child's traceback if a child fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("the distributed workers did not finish within 300 s")
 
 
 def test_without_process_group_estimators_get_the_callers_own_losses(monkeypatch):
