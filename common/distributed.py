@@ -53,7 +53,9 @@ counts, T inner steps, K candidates, W window; each gradient w.r.t. θ is one fl
     finite_difference   2 |θ| b (∇_θ L_train, ∇_θ' L_val) + 2 |λ| b (∇_λ at θ ± εv; 3 if L_val
                         reads λ) + 4 b
 
-All-reduce traffic per rank is about twice these sizes on a ring. Ranks must run the same code,
+The wrapped losses also work under ``torch.func.grad`` and ``torch.func.vmap`` (e.g. K candidates
+in one batched call: one all-reduce of K losses). All-reduce traffic per rank is about twice these
+sizes on a ring. Ranks must run the same code,
 hence build graphs of the same structure: collectives run in the autograd engine's order, which
 is then the same on every rank.
 
@@ -113,6 +115,10 @@ class _AllRanksSum(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad
 
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor):  # torch.func.vmap: one all-reduce of the whole batch of values
+        return _AllRanksSum.apply(x), in_dims[0]
+
 
 class _RanksShare(torch.autograd.Function):
     """Replicated → local for several tensors: identity forward; the backward sums the rank-local
@@ -125,6 +131,10 @@ class _RanksShare(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.like = [(t.shape, t.dtype, t.device) for t in inputs]
+
+    @staticmethod
+    def vmap(info, in_dims, *tensors: Tensor):  # torch.func.vmap: identity, dims unchanged
+        return _RanksShare.apply(*tensors), tuple(in_dims)
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from common.distributed import average_gradients, is_distributed, rank, shard
+from common.distributed import all_ranks_loss, average_gradients, is_distributed, rank, shard
 from common.estimators import multistep_meta_loss
 from common.evograd import _prepare, evograd_meta_loss, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
@@ -119,6 +119,7 @@ CASES = [(kind, name) for kind in ("loss", "input", "inside") for name in [*ESTI
 def worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     reference = {case: run_case(*case, rank=None, seed=SEED) for case in CASES}
+    vmapped_reference = vmapped_candidates(rank=None)
     shard_alone = {case: run_case(*case, rank=rank, seed=SEED) for case in CASES}
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -150,8 +151,21 @@ def worker(rank: int, port: int) -> None:
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_evograd_communication()
         check_model_gradients_averaged()
+        for got, ref in zip(vmapped_candidates(rank), vmapped_reference):
+            assert torch.allclose(got, ref, rtol=1e-10, atol=1e-14), "vmap over candidates differs from one process"
     finally:
         dist.destroy_process_group()
+
+
+def vmapped_candidates(rank: int | None) -> list[torch.Tensor]:
+    """K candidate losses and their θ-gradients through ``torch.func.vmap`` of the data-parallel loss."""
+    params, _, train, _ = problem("inside", rank)
+    loss = all_ranks_loss(train) if rank is not None else train
+    g = torch.Generator().manual_seed(5)
+    candidates = {n: p + 1e-2 * torch.randn((3, *p.shape), generator=g, dtype=p.dtype) for n, p in params.items()}
+    losses = torch.func.vmap(loss)(candidates)
+    grads = torch.func.vmap(torch.func.grad(loss))({n: c.requires_grad_() for n, c in candidates.items()})
+    return [losses.detach(), *grads.values()]
 
 
 def check_evograd_communication() -> None:
