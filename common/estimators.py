@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from common.distributed import data_parallel
 from common.evograd import check_scalar_loss
 from common.second_order import check_inner_args
 
@@ -49,6 +50,7 @@ def _grads_or_zeros(outputs: Tensor, inputs: Sequence[Tensor], **kwargs) -> list
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
+@data_parallel(returns_meta_loss=False)
 def finite_difference_hypergrad(
     params: Mapping[str, Tensor],
     hyperparams: Sequence[Tensor],
@@ -131,6 +133,7 @@ def finite_difference_hypergrad(
     return val_loss.detach()
 
 
+@data_parallel(returns_meta_loss=True)
 def multistep_meta_loss(
     params: Mapping[str, Tensor],
     train_loss_fn: LossFn,

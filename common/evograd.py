@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from common.distributed import broadcast_seeds, data_parallel, mark_gradient_summed_elsewhere, sum_over_ranks
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 NOISE_KINDS = ("sign", "gaussian")
@@ -144,11 +146,15 @@ class _MergeCandidates(torch.autograd.Function):
 
 
 def _noise_dots(grads: Sequence[Tensor], noise: CandidateNoise, like: Sequence[Tensor]) -> Tensor:
-    """[<grads, ε_k> for k], shape [K] in float64: per-tensor dot products, summed over tensors."""
-    return torch.stack([
+    """[<grads, ε_k> for k], shape [K] in float64: per-tensor dot products, summed over tensors.
+
+    ``grads`` is ∇_θ* L_val, left rank-local under ``torch.distributed`` (see
+    ``merge_candidates``): the K dots are summed over ranks here (``common.distributed``).
+    """
+    return sum_over_ranks(torch.stack([
         sum(torch.dot(g.reshape(-1), e.reshape(-1)).to(torch.float64) for g, e in zip(grads, noise.sample(k, like)))
         for k in range(len(noise))
-    ])
+    ]))
 
 
 def merge_candidates(params: Mapping[str, Tensor], weights: Tensor, noise: CandidateNoise) -> Params:
@@ -163,9 +169,11 @@ def merge_candidates(params: Mapping[str, Tensor], weights: Tensor, noise: Candi
         θ* as a dict with the keys of ``params``.
     """
     merged = _MergeCandidates.apply(weights, noise, *params.values())
+    mark_gradient_summed_elsewhere(merged)  # data parallel: ∇θ* stays rank-local, <∇θ*, ε_k> is summed
     return dict(zip(params.keys(), merged))
 
 
+@data_parallel(returns_meta_loss=True)
 def evograd_meta_loss(
     params: Mapping[str, Tensor],
     train_loss_fn: LossFn,
@@ -228,6 +236,7 @@ def evograd_meta_loss(
     return val_loss
 
 
+@data_parallel(returns_meta_loss=False)
 def evograd_hypergrad_low_memory(
     params: Mapping[str, Tensor],
     hyperparams: Sequence[Tensor],
@@ -363,7 +372,7 @@ def _prepare(params, n_candidates, sigma, temperature, noise, generator):
         raise ValueError("params must be a non-empty dict of tensors")
     base = {n: p.detach() for n, p in params.items()}
     device = generator.device if generator is not None else torch.device("cpu")
-    seeds = torch.randint(0, 2**62, (n_candidates,), generator=generator, device=device).tolist()
+    seeds = broadcast_seeds(torch.randint(0, 2**62, (n_candidates,), generator=generator, device=device).tolist())
     return base, CandidateNoise(seeds, sigma, noise)
 
 

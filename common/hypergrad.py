@@ -23,6 +23,8 @@ candidates, W window):
 (plus one validation forward/backward for every method). The estimators' docstrings in
 ``common.evograd``, ``common.second_order`` and ``common.estimators`` give the details.
 ``add_estimator_args`` / ``estimator_options`` give CLIs the flags of all of them at once.
+Under ``torch.distributed`` every method gives the whole batch's hypergradient on every rank,
+with the same call (``common.distributed``, which lists what each method communicates).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from common.runtime import positive
 
+from common.distributed import data_parallel
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
@@ -108,6 +111,7 @@ def estimator_options(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
 
 
+@data_parallel(returns_meta_loss=False)
 def meta_backward(
     method: str,
     params: Mapping[str, Tensor],

@@ -22,6 +22,7 @@ import higher
 import torch
 from torch import Tensor
 
+from common.distributed import data_parallel
 from common.evograd import check_scalar_loss
 
 Params = dict[str, Tensor]
@@ -38,6 +39,7 @@ def check_inner_args(params: Mapping[str, Tensor], inner_lr: float, inner_steps:
         raise ValueError(f"inner_steps (T) must be an integer >= 1, got {inner_steps!r}")
 
 
+@data_parallel(returns_meta_loss=True)
 def second_order_meta_loss(
     params: Mapping[str, Tensor],
     train_loss_fn: LossFn,
@@ -73,6 +75,7 @@ def second_order_meta_loss(
     return check_scalar_loss(val_loss_fn(dict(zip(names, fast))), "val_loss_fn")
 
 
+@data_parallel(returns_meta_loss=True)
 def second_order_meta_loss_func(
     params: Mapping[str, Tensor],
     train_loss_fn: LossFn,

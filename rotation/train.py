@@ -12,6 +12,12 @@ earlier protocol (black corners, bilinear).
 
     python -m rotation.train --quick --out results/rotation                # all methods, 5k subset
     python -m rotation.train --data-root ../shared/data/mnist --method evograd --seeds 1 23
+    torchrun --nproc_per_node 2 -m rotation.train --quick      # data parallel: 2 processes share each batch
+
+Under ``torchrun`` every rank keeps the same model and data order, takes its shard of each global
+batch (``--batch-size`` stays the global batch), averages LeNet's gradients over ranks, and gets
+the whole batch's hypergradient from ``common.hypergrad`` (``common.distributed``); only rank 0
+prints, writes results, figures and checkpoints.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.distributed import (average_gradients, barrier, close_data_parallel, init_data_parallel,
+                                is_main_process, mean_over_ranks, shard, world_size)
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.profiling import EfficiencyMeter
@@ -109,8 +117,9 @@ def model_step(model: nn.Module, optimizer: torch.optim.Optimizer, transformer: 
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(model)  # data parallel: the whole batch's gradient on every rank
     optimizer.step()
-    return loss.detach()
+    return mean_over_ranks(loss.detach())
 
 
 def meta_step(method: str, model: nn.Module, transformer: RotationTransformer, meta_optimizer: torch.optim.Optimizer,
@@ -169,22 +178,25 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
         data_generator.set_state(state["data_rng"])
         angles_deg, train_losses, val_losses = state["angles_deg"], state["train_losses"], state["val_losses"]
         start_epoch = state["epoch"]
-        print(f"resumed {method} seed {seed} from {checkpoint} after epoch {start_epoch}")
+        if is_main_process():
+            print(f"resumed {method} seed {seed} from {checkpoint} after epoch {start_epoch}")
 
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     meter = EfficiencyMeter(device, warmup=5)
     for epoch in range(start_epoch, args.epochs):
         val_stream = cycle_batches(len(val_y), args.batch_size, data_generator)
-        bar = progress(batches(len(train_y), args.batch_size, data_generator),
-                       total=math.ceil(len(train_y) / args.batch_size), desc=f"{method} s{seed} ep{epoch + 1}")
+        bar = batches(len(train_y), args.batch_size, data_generator)
+        if is_main_process():
+            bar = progress(bar, total=math.ceil(len(train_y) / args.batch_size), desc=f"{method} s{seed} ep{epoch + 1}")
         for idx in bar:
+            idx = shard(idx)  # this rank's part of the global batch (all of it in one process)
             x, y = train_x[idx], train_y[idx]
             with meter.step():
                 loss = model_step(model, optimizer, transformer, x, y)
                 check_finite(loss, len(train_losses), "training loss")
                 if transformer is not None:
-                    val_idx = next(val_stream)
+                    val_idx = shard(next(val_stream))
                     val_losses.append(meta_step(method, model, transformer, meta_optimizer, x, y,
                                                 val_x[val_idx], val_y[val_idx], options))
             train_losses.append(loss.item())
@@ -195,7 +207,8 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
                  "angles_deg": angles_deg, "train_losses": train_losses, "val_losses": val_losses}
         if transformer is not None:
             state.update(transformer=transformer.state_dict(), meta_optimizer=meta_optimizer.state_dict())
-        save_checkpoint(checkpoint, state, vars(args))
+        if is_main_process():
+            save_checkpoint(checkpoint, state, vars(args))
 
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     metrics = {
@@ -215,6 +228,25 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
+    try:
+        run(args, device)
+    finally:
+        close_data_parallel()
+
+
+def check_shardable(data: RotationData, batch_size: int) -> None:
+    """CLIError unless every training and validation batch has at least one item per process."""
+    for name, n in (("training", len(data.train_y)), ("validation", len(data.val_y))):
+        smallest = n % batch_size or batch_size  # the last batch of a pass (the only one if n < batch_size)
+        if smallest < world_size():
+            raise CLIError(f"--batch-size {batch_size} gives a {name} batch of {smallest} item(s), fewer than the "
+                           f"{world_size()} processes; choose another --batch-size")
+
+
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """Every (method, seed) run of ``args``; under torchrun only rank 0 prints and writes."""
+    log = print if is_main_process() else (lambda *_: None)
     if args.k < 2:
         raise CLIError(f"--k must be >= 2, got {args.k}")
     if args.quick and args.data_root is not None:
@@ -223,35 +255,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    if args.download and world_size() > 1:
+        raise CLIError("--download under torchrun: download once in one process first, then leave out --download")
     data = load_rotation_data(args.data_root, download=args.download, rotation_deg=args.rotation_deg,
                               interpolation=args.data_interpolation)
+    check_shardable(data, args.batch_size)
     setting = setting_name(data, args.quick)
     out = Path(args.out)
-    print(f"rotation: {data.source} {data.sizes()}, setting {setting}, methods {args.method}, seeds {seeds}, "
-          f"{args.epochs} epochs, device {device}")
+    log(f"rotation: {data.source} {data.sizes()}, setting {setting}, methods {args.method}, seeds {seeds}, "
+        f"{args.epochs} epochs, device {device}" + (f", {world_size()} processes" if world_size() > 1 else ""))
     for method in args.method:
         for seed in seeds:
             result_file = results_path(out, EXPERIMENT, setting, method, seed)
             if args.resume and result_file.is_file():
-                print(f"{result_file} exists, skipping (--resume)")
+                log(f"{result_file} exists, skipping (--resume)")
                 continue
             start = time.perf_counter()
             checkpoint = out / "checkpoints" / f"{result_file.stem}.pt"
             metrics, efficiency = train_run(method, seed, data, args, device, checkpoint)
             efficiency["run_wall_s"] = time.perf_counter() - start
-            config = {**vars(args), "method": method, "seed": seed, "seeds": seeds, "n_params": n_parameters(LeNet(args.width)),
+            config = {**vars(args), "method": method, "seed": seed, "seeds": seeds, "processes": world_size(),
+                      "n_params": n_parameters(LeNet(args.width)),
                       "splits": data.sizes(), "data_source": data.source,
                       "second_order_virtual_step": f"{args.inner_steps} SGD step(s), lr {args.inner_lr}"}
-            write_results(out, experiment=EXPERIMENT, method=method, seed=seed, setting=setting,
-                          config=config, metrics=metrics, efficiency=efficiency)
+            if is_main_process():
+                write_results(out, experiment=EXPERIMENT, method=method, seed=seed, setting=setting,
+                              config=config, metrics=metrics, efficiency=efficiency)
+            barrier()  # the results file exists for every rank's next --resume check
             angle = f", angle {metrics['angle_deg']:.2f}°" if "angle_deg" in metrics else ""
             step_s = "n/a" if efficiency["meta_step_s"] is None else f"{efficiency['meta_step_s']:.4f}"
-            print(f"{method} seed {seed}: rotated test {metrics['test_acc_rotated']:.2f}%, rotated back "
-                  f"{metrics['test_acc_rotated_back']:.2f}%{angle}; {step_s} s/iter, "
-                  f"{efficiency['run_wall_s']:.0f} s")
-    from rotation.eval import summarise  # after training: table and angle plot of everything in --out
-    summarise(out, setting)
+            log(f"{method} seed {seed}: rotated test {metrics['test_acc_rotated']:.2f}%, rotated back "
+                f"{metrics['test_acc_rotated_back']:.2f}%{angle}; {step_s} s/iter, "
+                f"{efficiency['run_wall_s']:.0f} s")
+    if is_main_process():
+        from rotation.eval import summarise  # after training: table and angle plot of everything in --out
+        summarise(out, setting)
 
 
 if __name__ == "__main__":
