@@ -284,6 +284,10 @@ def test_bench_and_study_check_out_before_measuring(tmp_path, capsys, monkeypatc
         assert code == 2 and words in error
     code, error = _cli(capsys, hypergrad_study.main, ["--quick", "--out", str(a_file)])
     assert code == 2 and "is a file" in error
+    (tmp_path / "study.json").write_text("{}")  # a finished study: refused, or skipped by --resume
+    code, error = _cli(capsys, hypergrad_study.main, ["--quick", "--out", str(tmp_path)])
+    assert code == 2 and "study.json exists" in error
+    hypergrad_study.main(["--quick", "--out", str(tmp_path), "--resume"])
 
 
 def test_divergence_stops_naming_the_step_keeps_the_checkpoint_writes_no_results(tmp_path, capsys, cached_mwn_data):
