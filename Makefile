@@ -5,6 +5,9 @@ PYTHON := $(VENV)/bin/python
 RESULTS ?= results
 # every experiment's --quick run on its embedded offline data, in this order
 EXPERIMENTS := illustration_1d rotation label_noise_mwn cross_domain_fewshot metaxl
+# --resume: a second make reproduce finishes interrupted runs and keeps finished ones;
+# RUN_FLAGS=--overwrite reruns everything (README, "Runs, checkpoints and resume")
+RUN_FLAGS ?= --resume
 
 .PHONY: setup test reproduce bench clean
 
@@ -20,10 +23,10 @@ test: setup
 
 reproduce: setup
 	set -e; for exp in $(EXPERIMENTS); do \
-	  echo "== $$exp: python -m $$exp.train --quick --out $(RESULTS)/$$exp"; \
-	  $(PYTHON) -m $$exp.train --quick --out $(RESULTS)/$$exp; \
+	  echo "== $$exp: python -m $$exp.train --quick --out $(RESULTS)/$$exp $(RUN_FLAGS)"; \
+	  $(PYTHON) -m $$exp.train --quick --out $(RESULTS)/$$exp $(RUN_FLAGS); \
 	done
-	$(PYTHON) -m common.hypergrad_study --quick --out $(RESULTS)/hypergrad_study
+	$(PYTHON) -m common.hypergrad_study --quick --out $(RESULTS)/hypergrad_study $(RUN_FLAGS)
 	$(PYTHON) -m common.report $(RESULTS)
 
 bench: setup

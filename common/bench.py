@@ -38,7 +38,7 @@ import torch
 
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, import_experiment_modules, run_cli, select_device
+from common.runtime import CLIError, import_experiment_modules, prepare_out_file, run_cli, select_device
 
 StepFactory = Callable[[str, dict, torch.device], Callable[[], None]]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.no_time and args.no_memory:
         raise CLIError("--no-time and --no-memory together leave nothing to measure")
     device = select_device(args.device)
+    if args.out and not args.memory_worker:
+        prepare_out_file(args.out)  # before the benchmarks: an unwritable --out would lose every measurement
 
     if args.memory_worker:
         name, config, method = args.memory_worker

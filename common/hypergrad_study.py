@@ -32,8 +32,8 @@ from torch import Tensor
 from common.hypergrad import meta_backward
 from common.profiling import current_rss_mb, peak_rss_mb, reset_peak_rss
 from common.results import atomic_write_json, write_results
-from common.runtime import (CLIError, add_common_args, import_experiment_modules, progress, run_cli, seed_everything,
-                            select_device)
+from common.runtime import (CLIError, add_common_args, finished_runs, import_experiment_modules, prepare_out,
+                            progress, run_cli, seed_everything, select_device)
 from common.second_order import second_order_meta_loss_func
 
 EXPERIMENT = "hypergrad_study"
@@ -504,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise CLIError(f"unknown problem(s) {unknown}; found: {sorted(problems)}")
     torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    if finished_runs([prepare_out(args.out) / "study.json"], args.resume, args.overwrite):
+        return  # --resume: the study in --out is finished
     seed = args.seed if args.seed is not None else args.seeds[0]
     draws = min(args.draws, 8) if args.quick else args.draws
     out = Path(args.out)

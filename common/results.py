@@ -10,6 +10,12 @@ A results file is one JSON object per run:
 ``setting`` names the variant of the experiment (dataset, noise level, ...) so that reports group
 runs by (experiment, setting, method); scalar metrics are tabulated, lists (curves) are kept for
 figures.
+
+Guarantees (README, "Runs, checkpoints and resume"): files get the mode the umask gives
+(``0o666 & ~umask``, not ``mkstemp``'s 0600); a temp file left by a killed write is removed by a
+later write into the same folder once it is older than ``STALE_TEMP_AGE_S``; a checkpoint that
+cannot be read, or was written under other settings, is a ``RunFileError`` naming the file and
+the fix, never a torch traceback.
 """
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +36,80 @@ import torch
 
 REQUIRED_KEYS = ("experiment", "method", "seed", "config", "metrics", "efficiency", "env")
 EFFICIENCY_KEYS = ("meta_step_s", "peak_mem_mb", "device")
+STALE_TEMP_AGE_S = 600.0  # a temp file this old is left by a killed write (a checkpoint takes seconds)
+# ``mkstemp(prefix=".<name>.", suffix=".tmp")``: a dot, the target's name, 8 random characters
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# Settings that may differ between a checkpoint and the run resuming it: which runs to do
+# (seed, seeds, method, methods, targets, stage), where and how (out, device, threads, download),
+# output only (no_figures) and the resume flags themselves. Every other key must match.
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "out", "device", "threads", "download", "no_figures",
+                               "seed", "seeds", "method", "methods", "targets", "stage"})
+
+
+class RunFileError(ValueError):
+    """An output folder, checkpoint or results file a run cannot use; the message names it and the fix."""
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: ``0o666 & ~umask``."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_temp_files(folder: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete our atomic-write temp files (``.<name>.XXXXXXXX.tmp``) in ``folder`` older than ``max_age_s``.
+
+    Younger ones may belong to a write in progress (another run into the same folder) and stay.
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not TEMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > max_age_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def check_writable_dir(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove it writable by writing a temp file into it.
+
+    Raises:
+        RunFileError: if ``folder`` (or a parent) is a file, or the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFileError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunFileError(f"{folder} is not a writable folder ({err.strerror or err})") from None
+    remove_stale_temp_files(folder)
+    return folder
 
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -95,9 +173,27 @@ def results_path(out_dir: str | Path, experiment: str, setting: str, method: str
     return Path(out_dir) / f"{stem}.json"
 
 
+def implausible_metrics(metrics: Mapping[str, Any], limits: Mapping[str, float]) -> list[str]:
+    """One warning per scalar metric named in ``limits`` with ``|value| > limit`` (finite but absurd).
+
+    A learned rotation of 3.8e11° or an FWT scale of 1e8 is finite, so no divergence check stops the
+    run; its results file carries these warnings instead, and the run prints them.
+    """
+    warnings = []
+    for key, limit in limits.items():
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > limit:
+            warnings.append(f"{key} = {value:.4g} is beyond the plausible range ±{limit:g}")
+    return warnings
+
+
 def write_results(out_dir: str | Path, *, experiment: str, method: str, seed: int, config: dict,
-                  metrics: dict, efficiency: dict, setting: str = "", extra: dict | None = None) -> Path:
+                  metrics: dict, efficiency: dict, setting: str = "", extra: dict | None = None,
+                  limits: Mapping[str, float] | None = None) -> Path:
     """Write one run's results file atomically and return its path.
+
+    ``limits`` maps metric names to plausible bounds of their absolute value; a metric beyond its
+    bound is printed as a warning on stderr and listed under ``"warnings"`` in the file.
 
     Raises:
         ValueError: if ``efficiency`` lacks one of ``meta_step_s``, ``peak_mem_mb``, ``device``.
@@ -107,6 +203,12 @@ def write_results(out_dir: str | Path, *, experiment: str, method: str, seed: in
         raise ValueError(f"efficiency is missing {missing}")
     record = {"experiment": experiment, "method": method, "seed": int(seed), "setting": setting,
               "config": config, "metrics": metrics, "efficiency": efficiency, "env": env_info()}
+    warnings = implausible_metrics(metrics, limits or {})
+    for warning in warnings:
+        print(f"warning: {experiment} {method} seed {seed}: {warning} (recorded in the results file)",
+              file=sys.stderr)
+    if warnings:
+        record["warnings"] = warnings
     record.update(extra or {})
     return atomic_write_json(results_path(out_dir, experiment, setting, method, seed), record)
 
@@ -147,8 +249,96 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: if there is none (callers turn this into a CLI error for --resume).
+        RunFileError: if it is empty, truncated or not a torch file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    fix = "delete it, or rerun without --resume to start that run over"
+    if path.stat().st_size == 0:
+        raise RunFileError(f"checkpoint {path} is empty (0 bytes): {fix}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 (torch raises RuntimeError, EOFError, UnpicklingError, ...)
+        reason = (str(err).strip().splitlines() or [""])[0][:120]
+        raise RunFileError(f"checkpoint {path} is unreadable (truncated or not a torch file: "
+                           f"{type(err).__name__}: {reason}): {fix}") from None
+    if not isinstance(state, dict):
+        raise RunFileError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint: {fix}")
+    return state
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(_finite(value), sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       may_change: Iterable[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """Keys whose values differ between two configs (compared as JSON), each as ``key (old -> new)``.
+
+    A key present on one side only differs too (shown as ``absent``); keys in ``may_change`` are ignored.
+    """
+    allowed = set(may_change)
+    absent = object()
+    diffs = []
+    for key in sorted(set(saved) | set(current), key=str):
+        if key in allowed:
+            continue
+        old, new = saved.get(key, absent), current.get(key, absent)
+        as_json = [None if v is absent else json.dumps(_finite(v), sort_keys=True) for v in (old, new)]
+        if (old is absent) != (new is absent) or as_json[0] != as_json[1]:
+            show = ["absent" if v is absent else _short(v) for v in (old, new)]
+            diffs.append(f"{key} ({show[0]} -> {show[1]})")
+    return diffs
+
+
+def resume_checkpoint(path: str | Path, config: Mapping[str, Any], map_location: str | torch.device = "cpu",
+                      may_change: Iterable[str] = ()) -> dict | None:
+    """The checkpoint to resume from, or None if there is none; it must have been written under ``config``.
+
+    Keys in ``RESUME_MAY_CHANGE`` and in ``may_change`` may differ; any other difference refuses the resume.
+
+    Raises:
+        RunFileError: if the checkpoint is unreadable or its config differs (the message names the keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, map_location)
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        raise RunFileError(f"checkpoint {path} carries no config to check the resume against: delete it, "
+                           "or rerun without --resume to start that run over")
+    diffs = config_differences(saved, config, RESUME_MAY_CHANGE | set(may_change))
+    if diffs:
+        raise RunFileError(f"--resume: checkpoint {path} was written with other settings: {', '.join(diffs)}; "
+                           "rerun with the checkpoint's settings, or without --resume to start that run over")
+    return state
+
+
+def restore_states(state: Mapping[str, Any], objects: Mapping[str, Any], path: str | Path) -> None:
+    """``obj.load_state_dict(state[name])`` for every ``name, obj`` (None objects are skipped).
+
+    Raises:
+        RunFileError: if the checkpoint lacks an entry or its tensors do not fit (shape, keys).
+    """
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            raise RunFileError(f"checkpoint {path} does not fit this run ({name}: {type(err).__name__}: {reason}): "
+                               "delete it, or rerun without --resume to start that run over") from None
+
+
+def note_resume(efficiency: dict, resumed_at_epoch: int) -> dict:
+    """Add ``resumed_at_epoch`` (None for a run trained in one go) to ``efficiency`` and return it.
+
+    After a resume the meter saw only the epochs after ``resumed_at_epoch``: ``timed_steps`` counts
+    the steps behind ``meta_step_s`` and ``peak_mem_mb`` is the peak of those epochs alone.
+    """
+    efficiency["resumed_at_epoch"] = resumed_at_epoch or None
+    return efficiency

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+
+from common.results import RunFileError, check_writable_dir
 
 
 class CLIError(Exception):
@@ -42,7 +47,11 @@ def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int
     parser.add_argument("--data-root", default=None,
                         help="folder with the dataset files; default: the embedded offline data")
     parser.add_argument("--out", default=default_out, help="folder for results JSON files and figures")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue unfinished runs from their checkpoints in --out (same settings); "
+                             "skip finished runs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rerun runs whose results file already exists in --out (replacing it)")
     accept_both_spellings(parser)
     return parser
 
@@ -102,6 +111,107 @@ def progress(iterable: Iterable, **kwargs) -> Iterable:
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
 
 
+def prepare_out(out: str | Path, flag: str = "--out") -> Path:
+    """Check before any work that ``out`` is (or can be made) a writable folder; clean stale temp files.
+
+    Raises:
+        CLIError: naming ``flag`` if ``out`` is a file or cannot be created or written.
+    """
+    try:
+        return check_writable_dir(out)
+    except RunFileError as err:
+        raise CLIError(f"{flag} {out}: {err}; pass a writable folder") from None
+
+
+def prepare_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """Check before any work that the file ``path`` can be written (its folder writable, not a folder itself)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; pass a file name (e.g. {path / 'bench.json'})")
+    prepare_out(path.parent, flag=f"{flag} {path}: folder")
+    return path
+
+
+def finished_runs(result_files: Iterable[str | Path], resume: bool, overwrite: bool) -> set[Path]:
+    """The runs to skip; a finished run (its results file exists) is never rewritten unless asked.
+
+    With ``--resume`` finished runs are skipped and their files left untouched; with ``--overwrite``
+    they are run again from scratch; with neither, an existing results file is a ``CLIError`` (before
+    any work), so a rerun into the same ``--out`` cannot replace results by accident.
+    """
+    if resume and overwrite:
+        raise CLIError("--resume and --overwrite contradict each other: --resume skips finished runs, "
+                       "--overwrite reruns them; pass one")
+    finished = [Path(p) for p in result_files if Path(p).is_file()]
+    if not finished or overwrite:
+        return set()
+    if not resume:
+        more = f" (and {len(finished) - 1} more)" if len(finished) > 1 else ""
+        raise CLIError(f"{finished[0]}{more} exists: that run is finished; pass --resume to skip finished runs, "
+                       "--overwrite to rerun them, or another --out")
+    for path in finished:
+        print(f"skipping finished run {path} (--resume; --overwrite reruns it)", file=sys.stderr)
+    return set(finished)
+
+
+class DivergenceGuard:
+    """Stops a run at its first non-finite loss, parameter or buffer, with one line naming where.
+
+    Usage (one per run; ``steps_done`` = steps already taken before a resume)::
+
+        guard = DivergenceGuard("rotation", method, seed, [model, transformer], steps_done)
+        for epoch ...:
+            for batch ...:
+                with guard.step(epoch + 1):            # a non-finite loss inside an estimator lands here
+                    loss, meta_loss = ...
+                guard.check(training_loss=loss, meta_loss=meta_loss)
+
+    ``check`` tests the given losses and every floating parameter and buffer of ``modules`` (BN
+    running statistics included). The error says to keep the last good checkpoint: callers raise
+    before saving one and before writing a results file.
+    """
+
+    def __init__(self, experiment: str, method: str, seed: int, modules: Sequence[nn.Module | None],
+                 steps_done: int = 0) -> None:
+        self.where = f"{experiment} {method} seed {seed}"
+        self.modules = [m for m in modules if m is not None]
+        self.epoch = 0
+        self.steps = steps_done
+
+    def _error(self, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(f"{self.where} diverged at epoch {self.epoch} step {self.steps}: {what}; "
+                                  "stopped: the last good checkpoint is kept and no results file is written "
+                                  "(lower the learning rate?)")
+
+    @contextmanager
+    def step(self, epoch: int) -> Iterator[None]:
+        """Count one step of ``epoch`` (1-based); turn a non-finite loss raised inside into the one line."""
+        self.epoch = epoch
+        self.steps += 1
+        try:
+            yield
+        except NonFiniteLossError as err:
+            raise self._error(str(err)) from None
+        except ValueError as err:  # common.evograd.check_scalar_loss and the other estimators' checks
+            if "non-finite" not in str(err):
+                raise
+            raise self._error(str(err)) from None
+
+    def check(self, **losses: float | torch.Tensor | None) -> None:
+        """Raise ``NonFiniteLossError`` if a given loss, or any parameter or buffer, is NaN or infinite."""
+        for name, value in losses.items():
+            if value is None:
+                continue
+            number = float(value.detach().flatten()[0]) if isinstance(value, torch.Tensor) else float(value)
+            if not math.isfinite(number):
+                raise self._error(f"non-finite {name.replace('_', ' ')} ({number})")
+        for module in self.modules:
+            for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+                for name, tensor in named:
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise self._error(f"non-finite {kind} {type(module).__name__}.{name}")
+
+
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
     """Raise ``NonFiniteLossError`` naming the step if ``loss`` is NaN or infinite."""
     if not torch.isfinite(loss.detach()).all():
@@ -153,7 +263,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """Run ``main(argv)``; user-facing errors become one line on stderr and exit status 2."""
     try:
         main(argv)
-    except CLIError as err:
+    except (CLIError, RunFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

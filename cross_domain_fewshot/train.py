@@ -15,6 +15,7 @@ Stages (``--stage all`` runs them in order, for every method in ``--methods``):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +26,10 @@ from torch import nn
 
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
-from common.results import load_checkpoint, save_checkpoint, write_results
-from common.runtime import (CLIError, DataError, add_common_args, positive, progress, run_cli, seed_everything,
-                            seeds_of, select_device)
+from common.results import (load_checkpoint, note_resume, restore_states, resume_checkpoint, results_path,
+                            save_checkpoint, write_results)
+from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_args, finished_runs, positive,
+                            prepare_out, progress, run_cli, seed_everything, seeds_of, select_device)
 from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
                                        domain_file_list, write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
@@ -36,6 +38,11 @@ from cross_domain_fewshot.models import BLOCKS_PER_STAGE, ResNetBackbone, build_
 
 EXPERIMENT = "cross_domain_fewshot"
 PRETRAIN_DOMAIN = "miniImagenet"  # pretraining classes, validation domain; always seen
+PRETRAIN_METHOD = "pretrain_linear"
+# --out may move between a checkpoint and its resume, and the embedded data's folder with it
+RESUME_MAY_CHANGE = ("resolved_data_root",)
+# plausible bounds of results (beyond them: a warning in the output and in the results file)
+LIMITS = {"final_loss": 1e3, "final_model_loss": 1e3, "fwt_gamma_scale": 100.0, "fwt_beta_scale": 100.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,7 @@ def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    prepare_out(args.out)
     if args.data_root is None:
         # Generated images of side 1.25x the input, so that crops and the test resize have room.
         args.resolved_data_root = str(write_embedded_dataset(Path(args.out) / "embedded_data",
@@ -100,6 +108,10 @@ def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
 def setting_of(cfg: dict) -> str:
     data = "embedded" if cfg["data_root"] is None else "real"
     return f"{data} unseen={cfg['testset']} {cfg['backbone']} {cfg['head']} {cfg['n_way']}-way {cfg['n_shot']}-shot"
+
+
+def pretrain_setting(cfg: dict) -> str:
+    return f"{'embedded' if cfg['data_root'] is None else 'real'} pretrain {cfg['backbone']}"
 
 
 def sampler_for(cfg: dict, domain: str, split: str, augment: bool) -> EpisodeSampler:
@@ -128,32 +140,34 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
     net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), len(file_list.label_names)).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     generator, start, history = torch.Generator().manual_seed(seed), 0, []
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        net.load_state_dict(state["model"]), optim.load_state_dict(state["optim"])
+    state = resume_checkpoint(ckpt, cfg, may_change=RESUME_MAY_CHANGE) if resume else None
+    if state is not None:
+        restore_states(state, {"model": net, "optim": optim}, ckpt)
         generator.set_state(state["generator"])
         start, history = state["epoch"], state["history"]
     steps_per_epoch = math.ceil(len(file_list.labels) / cfg["pretrain_batch"])
     meter = EfficiencyMeter(device)
+    guard = DivergenceGuard(EXPERIMENT, PRETRAIN_METHOD, seed, [net], steps_done=start * steps_per_epoch)
     for epoch in progress(range(start, cfg["pretrain_epochs"]), desc="pretrain"):
         correct = total_loss = 0.0
         for _ in range(steps_per_epoch):
             images, labels = (t.to(device) for t in batches.sample(generator))
-            with meter.step():
+            with guard.step(epoch + 1), meter.step():
                 logits = net(images)
                 loss = F.cross_entropy(logits, labels)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
+            guard.check(training_loss=loss)
             total_loss += loss.item()
             correct += (logits.argmax(1) == labels).float().mean().item()
         history.append({"loss": total_loss / steps_per_epoch, "train_acc": 100 * correct / steps_per_epoch})
         save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
                                "generator": generator.get_state(), "history": history}, cfg)
-    write_results(cfg["out"], experiment=EXPERIMENT, method="pretrain_linear", seed=seed, config=cfg,
-                  setting=f"{'embedded' if cfg['data_root'] is None else 'real'} pretrain {cfg['backbone']}",
+    write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed, config=cfg,
+                  setting=pretrain_setting(cfg), limits=LIMITS,
                   metrics={"final_loss": history[-1]["loss"], "final_train_acc": history[-1]["train_acc"],
-                           "loss_curve": [h["loss"] for h in history]}, efficiency=meter.summary())
+                           "loss_curve": [h["loss"] for h in history]}, efficiency=note_resume(meter.summary(), start))
 
 
 def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretrain_ckpt: Path, ckpt: Path,
@@ -170,10 +184,9 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
                          cfg["temperature"], torch.Generator().manual_seed(seed + 1), aux_classifier)
     data_gen = torch.Generator().manual_seed(seed)
     start, history, best_val, best_model = 0, [], -1.0, None
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, device)
-        model.load_state_dict(state["model"]), aux_classifier.load_state_dict(state["aux_classifier"])
-        trainer.load_state_dict(state["trainer"])
+    state = resume_checkpoint(ckpt, {**cfg, "method": method}, device, RESUME_MAY_CHANGE) if resume else None
+    if state is not None:
+        restore_states(state, {"model": model, "aux_classifier": aux_classifier, "trainer": trainer}, ckpt)
         data_gen.set_state(state["data_generator"])
         start, history, best_val, best_model = state["epoch"], state["history"], state["best_val"], state["best_model"]
     seen = [d for d in DOMAINS if d != cfg["testset"]]
@@ -184,6 +197,8 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     aux_batches = BatchSampler(aux_source, cfg["aux_batch"])
     val_sampler = sampler_for(cfg, PRETRAIN_DOMAIN, "val", False)
     meter = EfficiencyMeter(device)
+    guard = DivergenceGuard(EXPERIMENT, method, seed, [model, aux_classifier],
+                            steps_done=start * cfg["episodes_per_epoch"])
     for epoch in progress(range(start, cfg["epochs"]), desc=method):
         pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
         pseudo_seen, pseudo_unseen = samplers[seen[pair[0]]], samplers[seen[pair[1]]]
@@ -193,8 +208,9 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
             seen_ep = pseudo_seen.sample(data_gen).images.to(device)
             unseen_ep = pseudo_unseen.sample(data_gen).images.to(device)
             aux = tuple(t.to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
-            with meter.step():
+            with guard.step(epoch + 1), meter.step():
                 losses = trainer.step(seen_ep, unseen_ep, cfg["n_shot"], aux, aux_weight)
+            guard.check(**losses)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg["episodes_per_epoch"]
         val_acc, _ = evaluate(model, lambda: val_sampler.sample(data_gen).images.to(device), cfg["val_episodes"],
@@ -206,7 +222,7 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
         save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
                                "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
                                "epoch": epoch + 1, "history": history, "best_val": best_val,
-                               "best_model": best_model, "efficiency": meter.summary()}, {**cfg, "method": method})
+                               "best_model": best_model, "efficiency": note_resume(meter.summary(), start)}, {**cfg, "method": method})
 
 
 def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: Path) -> dict:
@@ -226,7 +242,7 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     if "meta_loss" in history[-1]:
         metrics["final_meta_loss"] = history[-1]["meta_loss"]
     write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed, config={**cfg, "method": method},
-                  setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"])
+                  setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"], limits=LIMITS)
     print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
           f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")
     return metrics
@@ -250,18 +266,28 @@ def plot_curves(cfg: dict, seed: int, curves: dict[str, dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_config(argv)
     device = select_device(args.device)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("seed", "seeds", "resume", "stage", "methods")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("seed", "seeds", "resume", "overwrite", "stage", "methods")}
     ckpt_dir = Path(args.out) / "checkpoints"
     run_stage = lambda name: args.stage in ("all", name)  # noqa: E731
+    # a stage's results file marks it finished: pretrain's its own, train's and eval's the method's
+    result_of = {(method, seed): results_path(args.out, EXPERIMENT, pretrain_setting(cfg) if method == PRETRAIN_METHOD
+                                              else setting_of(cfg), method, seed)
+                 for seed in seeds_of(args) for method in [PRETRAIN_METHOD, *args.methods]}
+    finished = finished_runs([path for (method, _), path in result_of.items()
+                              if (run_stage("pretrain") if method == PRETRAIN_METHOD else args.stage != "pretrain")],
+                             args.resume, args.overwrite)
     for seed in seeds_of(args):
         seed_everything(seed)
         tag = f"{args.backbone}_w{args.width}_{args.image_size}px_{'embedded' if args.data_root is None else 'real'}"
         pretrain_ckpt = ckpt_dir / f"pretrain_{tag}_seed{seed}.pt"
-        if run_stage("pretrain"):
+        if run_stage("pretrain") and result_of[PRETRAIN_METHOD, seed] not in finished:
             pretrain(cfg, seed, device, pretrain_ckpt, args.resume)
         curves = {}
         for method in args.methods:
             ckpt = ckpt_dir / f"{method}_{args.testset}_{args.head}_{args.n_shot}shot_{tag}_seed{seed}.pt"
+            if result_of[method, seed] in finished:
+                curves[method] = json.loads(result_of[method, seed].read_text())["metrics"]
+                continue
             if run_stage("train"):
                 seed_everything(seed)
                 train_method(cfg, method, seed, device, pretrain_ckpt, ckpt, args.resume)

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from common.evograd import candidate_weights
-from common.results import write_results
-from common.runtime import CLIError, add_common_args, positive, run_cli, seed_everything, seeds_of, select_device
+from common.results import results_path, write_results
+from common.runtime import (CLIError, add_common_args, finished_runs, positive, prepare_out, run_cli, seed_everything,
+                            seeds_of, select_device)
 
 STARTS = ((-1.8, 0.2), (-0.9, 1.2), (0.9, 0.8), (1.3, 0.2), (1.5, 1.7))
 ORDERS = ("x_first", "hypergrad_first")  # the authors' order first
@@ -164,9 +165,14 @@ def trajectories(args: argparse.Namespace, generator: torch.Generator) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     select_device(args.device)  # the toy runs on the CPU; the flag is validated for uniformity
+    prepare_out(args.out)
+    finished = finished_runs([results_path(args.out, "illustration_1d", "", "evograd", seed) for seed in seeds_of(args)],
+                             args.resume, args.overwrite)
     from illustration_1d.eval import plot_all  # noqa: PLC0415 (keeps matplotlib out of the math's import path)
 
     for seed in seeds_of(args):
+        if results_path(args.out, "illustration_1d", "", "evograd", seed) in finished:
+            continue
         generator = seed_everything(seed)
         t0 = time.perf_counter()
         curves = hypergradient_curves(args, generator)
@@ -185,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"K = {k:>3}: trajectories ({args.order}), mean |λ_T − λ_T(truth)| = {gap:.4f}")
         metrics["curves"] = curves
         metrics["trajectories"] = paths
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds")}
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite", "seeds")}
         path = write_results(args.out, experiment="illustration_1d", method="evograd", seed=seed,
                              config=config, metrics=metrics,
                              efficiency={"meta_step_s": None, "peak_mem_mb": None, "device": "cpu",

