@@ -123,6 +123,24 @@ def lr_schedule(total_steps: int, warmup_ratio: float):
     return lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
 
 
+def build_optimizers(args: argparse.Namespace, model: torch.nn.Module, rtn: torch.nn.Module | None, total_steps: int):
+    """Main optimiser and schedule; RTN optimiser and schedule (None without an RTN).
+
+    Defaults as in the MetaXL/EvoGrad code (``ondrejbohdal/evograd``,
+    ``CrossLingualLearningMetaXL/mtrain.py`` lines 910-937): both are Adam with weight decay 5e-4
+    coupled into the gradient, and both learning rates follow the same linear warm-up and decay.
+    """
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    schedule = lr_schedule(total_steps, args.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if rtn is None:
+        return optimizer, scheduler, None, None
+    meta_optimizer = build_optimizer("adam", rtn.parameters(), args.meta_lr, args.meta_weight_decay)
+    meta_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        meta_optimizer, schedule if args.meta_schedule == "warmup_linear" else lambda step: 1.0)
+    return optimizer, scheduler, meta_optimizer, meta_scheduler
+
+
 def target_batches(targets, split: str, meta: bool) -> tuple[dict, dict | None]:
     """The target part of L_train and the meta batch for one iteration, from the target batch stream.
 
@@ -154,14 +172,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     source_items = encode(tokenizer, data["source"], args.max_seq_length)
     target_items = encode(tokenizer, data["target"], args.max_seq_length)
     steps_per_epoch = math.ceil(len(source_items) / args.batch_size)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    schedule = lr_schedule(args.epochs * steps_per_epoch, args.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    meta_optimizer = meta_scheduler = None
-    if rtn is not None:
-        meta_optimizer = build_optimizer("adam", rtn.parameters(), args.meta_lr, args.meta_weight_decay)
-        meta_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            meta_optimizer, schedule if args.meta_schedule == "warmup_linear" else lambda step: 1.0)
+    optimizer, scheduler, meta_optimizer, meta_scheduler = build_optimizers(args, model, rtn,
+                                                                            args.epochs * steps_per_epoch)
     cfg = StepConfig(args.transfer_layer, args.max_grad_norm, args.metaxl_estimator, args.evograd_estimator,
                      args.n_candidates, args.sigma, args.temperature, args.candidate_encoder)
 
