@@ -1,7 +1,7 @@
 """MetaXL + EvoGrad: does rerunning the encoder for every candidate change the RTN hypergradient?
 
     python -m metaxl.candidate_study --draws 200                  # the --quick tiny model (4 x 64)
-    python -m metaxl.candidate_study --draws 200 --size w256      # 12 layers of width 256
+    python -m metaxl.candidate_study --draws 100 --size w128      # 12 layers of width 128 (w256: 256)
 
 At one fixed state of the main model (random init, then ``--warm_steps`` joint-training steps on
 the quick synthetic data) and one fixed source batch and target batch (split 6/6 between L_train
@@ -41,8 +41,9 @@ from metaxl.data import build_vocab, collate, encode, epoch_batches, split_batch
 from metaxl.model import (TINY, RepresentationTransformation, StepConfig, build_optimizer, build_tagger, load_tokenizer,
                           metaxl_evograd_meta_step, metaxl_meta_step, tiny_config, train_iteration)
 
-SIZES = {"tiny": {}, "w256": {"hidden_size": 256, "num_hidden_layers": 12, "num_attention_heads": 4,
-                              "intermediate_size": 1024}}
+SIZES = {"tiny": {},
+         "w128": {"hidden_size": 128, "num_hidden_layers": 12, "num_attention_heads": 4, "intermediate_size": 512},
+         "w256": {"hidden_size": 256, "num_hidden_layers": 12, "num_attention_heads": 4, "intermediate_size": 1024}}
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -65,7 +66,7 @@ def rtn_gradient(rtn: torch.nn.Module, meta_step: Callable[[], float]) -> Tensor
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m metaxl.candidate_study", description=__doc__.split("\n")[0])
     p.add_argument("--draws", type=positive(int), default=200, help="hypergradients per estimator")
-    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (4 x 64) or w256 (12 x 256)")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (4 layers x 64), w128 or w256 (12 x 128, 12 x 256)")
     p.add_argument("--warm_steps", type=int, default=25, help="joint-training steps before the draws")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, the batches and the draws")
     p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
