@@ -20,7 +20,10 @@ Draw d of both uses the same ε. Printed and written to ``--out`` (JSON):
 * each mean against two references: EvoGrad without dropout (eval mode, where the two
   estimators coincide; as many draws) and second-order MetaXL (one virtual SGD step of the whole
   model, dropout on; mean of ``--draws`` draws);
-* the norm of each mean relative to the per-candidate one.
+* the norm of each mean relative to the per-candidate one;
+* the spread that drives EvoGrad's weights w = softmax(−ℓ/τ): the mean |ℓ_1 − ℓ_2| of two
+  candidates' training losses, from the head noise alone (shared features) and from two encoder
+  runs at the same head (dropout alone), beside τ.
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ from common.results import atomic_write_json, env_info
 from common.runtime import CLIError, positive, progress, run_cli
 from metaxl import train as metaxl_train
 from metaxl.data import build_vocab, collate, encode, epoch_batches, split_batch
-from metaxl.model import (TINY, RepresentationTransformation, StepConfig, build_optimizer, build_tagger, load_tokenizer,
-                          metaxl_evograd_meta_step, metaxl_meta_step, tiny_config, train_iteration)
+from metaxl.model import (TINY, RepresentationTransformation, StepConfig, build_optimizer, build_tagger, encoder_features,
+                          load_tokenizer, metaxl_evograd_meta_step, metaxl_meta_step, tiny_config, token_loss,
+                          train_iteration)
 
 SIZES = {"tiny": {},
          "w128": {"hidden_size": 128, "num_hidden_layers": 12, "num_attention_heads": 4, "intermediate_size": 512},
@@ -61,6 +65,27 @@ def rtn_gradient(rtn: torch.nn.Module, meta_step: Callable[[], float]) -> Tensor
     rtn.zero_grad(set_to_none=True)
     meta_step()
     return torch.cat([p.grad.flatten() for p in rtn.parameters()])
+
+
+@torch.no_grad()
+def loss_spreads(model, rtn, source, target, layer: int, sigma: float, draws: int) -> dict[str, float]:
+    """Mean |ℓ_1 − ℓ_2| of L_train from the head noise alone and from dropout alone (training mode)."""
+    head = dict(model.classifier.named_parameters())
+
+    def loss(h: dict, feats: tuple) -> float:
+        return sum(token_loss(F.linear(x, h["weight"], h["bias"]), b["labels"])
+                   for x, b in zip(feats, (source, target))).item()
+
+    def features() -> tuple:
+        return encoder_features(model, source, rtn, layer), encoder_features(model, target)
+
+    noise, dropout = [], []
+    for _ in range(draws):
+        feats = features()
+        pair = [{n: p + sigma * torch.sign(torch.randn_like(p)) for n, p in head.items()} for _ in range(2)]
+        noise.append(abs(loss(pair[0], feats) - loss(pair[1], feats)))
+        dropout.append(abs(loss(head, feats) - loss(head, features())))
+    return {"head_noise": statistics.fmean(noise), "dropout": statistics.fmean(dropout)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -115,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model.eval()
         draws["no_dropout"].append(evograd_draw("per_candidate", d))
         model.train()
+    spreads = loss_spreads(model, rtn, source, target, layer, train_args.sigma, args.draws)
     stacked = {k: torch.stack(v) for k, v in draws.items()}
     means = {k: v.mean(0) for k, v in stacked.items()}
     paired = [cosine(a, b) for a, b in zip(stacked["per_candidate"], stacked["shared"])]
@@ -128,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "cosine_with_second_order": {k: cosine(means[k], means["second_order"]) for k in ("per_candidate", "shared")},
         "mean_norm_relative_to_per_candidate": {k: (means[k].norm() / means["per_candidate"].norm()).item()
                                                 for k in ("per_candidate", "shared", "no_dropout")},
+        "train_loss_spread": spreads, "temperature": train_args.temperature,
         "config": {**vars(args), "model": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")},
                    **{k: getattr(train_args, k) for k in ("lr", "bottle_size", "n_candidates", "sigma", "temperature")}},
         "env": env_info(),
@@ -142,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               + ", ".join(f"{k} {v:.3f}" for k, v in result[f"cosine_with_{ref}"].items()))
     print("  norm of the mean / per_candidate's: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["mean_norm_relative_to_per_candidate"].items()))
+    print(f"  mean |l_1 - l_2| of two candidates: head noise alone {spreads['head_noise']:.2e}, "
+          f"dropout alone {spreads['dropout']:.2e} (tau {train_args.temperature})")
     if args.out:
         atomic_write_json(args.out, result)
     return result
