@@ -420,3 +420,16 @@ def test_resume_continues_from_the_epoch_checkpoint(tmp_path, capsys):
     assert "resumed metaxl_evograd seed 3" in capsys.readouterr().out
     record = json.loads((tmp_path / "metaxl_synthetic-en-qu-tiny_metaxl_evograd_seed3.json").read_text())
     assert [h["epoch"] for h in record["metrics"]["history"]] == [1, 2]
+
+
+def test_candidate_study_smoke_and_bad_input(tmp_path, capsys):
+    from metaxl import candidate_study
+
+    out = tmp_path / "study.json"
+    result = candidate_study.main(["--draws", "2", "--warm_steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["draws"] == 2 and result["rtn_parameters"] == 64 * 32 + 32 + 32 * 65 + 65
+    assert -1 <= result["paired_cosine_mean"] <= 1 and result["train_loss_spread"]["dropout"] > 0
+    assert result["mean_norm_relative_to_per_candidate"]["per_candidate"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit) as bad:
+        run_cli(candidate_study.main, ["--draws", "1"])
+    assert bad.value.code == 2 and "--draws must be >= 2" in capsys.readouterr().err
