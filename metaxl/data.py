@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import Tensor
@@ -89,6 +90,29 @@ def panx_path(root: str | Path, lang: str, split: str) -> Path:
 def load_language(root: str | Path, lang: str, splits: tuple[str, ...] = SPLITS) -> dict[str, list[Sentence]]:
     """All ``splits`` of one language, read with ``read_panx``."""
     return {split: read_panx(panx_path(root, lang, split), lang) for split in splits}
+
+
+SUBSAMPLING = ("random", "first")
+
+
+def subsample(sentences: list[Sentence], size: int, how: str = "random", seed: int = 42) -> list[Sentence]:
+    """``size`` of the sentences: a seeded random draw without replacement, or the first ``size``.
+
+    ``random`` draws the indices with NumPy's legacy generator seeded with ``seed``
+    (``RandomState(seed).choice(N, size, replace=False)``), the draw of the MetaXL code's
+    ``--data_seed``, so the same file gives the same subset in every run; with ``size >= N``
+    every sentence is kept in file order.
+
+    Raises:
+        ValueError: on an unknown ``how`` or ``size < 1``.
+    """
+    if how not in SUBSAMPLING:
+        raise ValueError(f"unknown subsampling {how!r}; choose from {SUBSAMPLING}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if size >= len(sentences) or how == "first":
+        return sentences[:size]
+    return [sentences[i] for i in np.random.RandomState(seed).choice(len(sentences), size, replace=False)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +268,22 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
         labels[i, :n] = torch.tensor(it.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def split_batch(batch: dict[str, Tensor], n_first: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Rows ``[:n_first]`` and ``[n_first:]`` of a collated batch, each cut to its longest row.
+
+    Raises:
+        ValueError: unless both parts are non-empty.
+    """
+    n = batch["input_ids"].shape[0]
+    if not 0 < n_first < n:
+        raise ValueError(f"cannot split a batch of {n} sentences after {n_first}: both parts must be non-empty")
+
+    def part(rows: slice) -> dict[str, Tensor]:
+        length = int(batch["attention_mask"][rows].sum(1).max())
+        return {k: v[rows, :length] for k, v in batch.items()}
+    return part(slice(0, n_first)), part(slice(n_first, n))
 
 
 def epoch_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad_id: int):

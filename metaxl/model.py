@@ -7,8 +7,11 @@ model θ is trained on L_train(θ, φ) = L_source(θ, φ) + L_target(θ); the RT
 that a step on L_train lowers the loss on another target batch:
 
     metaxl          θ' = θ − η ∇θ L_train(θ, φ),  φ ← φ − β ∇φ L_meta(θ')   (second order, all of θ)
-    metaxl_evograd  EvoGrad on the classifier head only: the encoder runs once under the RTN and
-                    the K perturbed heads are evaluated on its output.
+    metaxl_evograd  EvoGrad on the classifier head only, θ_k = θ + ε_k with ε_k on the head:
+                    ℓ_k = L_train(θ_k, φ), w = softmax(−ℓ/τ), φ ← φ − β ∇φ L_meta(θ + Σ_k w_k ε_k).
+                    By default (``per_candidate``, as the EvoGrad code) the encoder runs again for
+                    every candidate, so each ℓ_k has its own dropout mask; ``shared`` runs it once
+                    and evaluates the K heads on the same features.
 
 The layer split is a forward hook on the output of encoder layer l (l = 0: the embeddings), so
 the Hugging Face model, its masks and ``torch.func.functional_call`` are used unchanged.
@@ -171,27 +174,47 @@ def encoder_features(model, batch: Batch, rtn: nn.Module | None = None, layer: i
     return model.dropout(hidden)
 
 
+CANDIDATE_ENCODER = ("per_candidate", "shared")
+
+
 def metaxl_evograd_meta_step(estimator: str, model, rtn: nn.Module, source: Batch, target: Batch, meta: Batch,
-                             layer: int, **options) -> float:
+                             layer: int, candidate_encoder: str = "per_candidate", **options) -> float:
     """EvoGrad hypergradient for the RTN, perturbing only the classifier head.
 
-    The encoder runs once per batch (source under the RTN, keeping its graph; target and meta
-    batches without a graph); every candidate head ``θ_k`` is then a linear map applied to those
-    features. Accumulates into the RTN's ``.grad``; the main model is untouched.
+    Each candidate head ``θ_k`` is a linear map applied to encoder features (the main model's
+    weights are constants; only the source features keep a graph, back to the RTN):
+
+    * ``per_candidate``: the encoder runs again for every candidate on the source and target
+      batches, so in training mode each ℓ_k sees its own dropout mask (the EvoGrad code,
+      ``ondrejbohdal/evograd``, ``CrossLingualLearningMetaXL/mlt.py`` line 1219);
+    * ``shared``: it runs once per batch and all K heads see the same features (K − 1 fewer
+      encoder passes; the candidates then differ only by their head).
+
+    The meta batch runs once, at the merged head. Accumulates into the RTN's ``.grad``; the main
+    model is untouched. Returns L_meta at the merged head.
     """
-    source_h = encoder_features(model, source, rtn, layer)
-    with torch.no_grad():
-        target_h = encoder_features(model, target)
-        meta_h = encoder_features(model, meta)
+    if candidate_encoder not in CANDIDATE_ENCODER:
+        raise ValueError(f"unknown candidate_encoder {candidate_encoder!r}; choose from {CANDIDATE_ENCODER}")
 
     def head_loss(head: Mapping[str, Tensor], hidden: Tensor, batch: Batch) -> Tensor:
         return token_loss(F.linear(hidden, head["weight"], head["bias"]), batch["labels"])
 
+    def features() -> tuple[Tensor, Tensor]:
+        source_h = encoder_features(model, source, rtn, layer)
+        with torch.no_grad():
+            return source_h, encoder_features(model, target)
+
+    shared = features() if candidate_encoder == "shared" else None
+
+    def train_loss(head: Mapping[str, Tensor]) -> Tensor:
+        source_h, target_h = shared if shared is not None else features()
+        return head_loss(head, source_h, source) + head_loss(head, target_h, target)
+
+    with torch.no_grad():
+        meta_h = encoder_features(model, meta)
     head = {n: p.detach() for n, p in model.classifier.named_parameters()}
-    return meta_backward(
-        estimator, head, list(rtn.parameters()),
-        lambda p: head_loss(p, source_h, source) + head_loss(p, target_h, target),
-        lambda p: head_loss(p, meta_h, meta), **options)
+    return meta_backward(estimator, head, list(rtn.parameters()), train_loss,
+                         lambda p: head_loss(p, meta_h, meta), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +235,16 @@ class StepConfig:
     n_candidates: int = 2
     sigma: float = 1e-3
     temperature: float = 0.05
+    candidate_encoder: str = "per_candidate"
 
 
 def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, scheduler, meta_optimizer,
                     source: Batch, target: Batch, meta: Batch | None, cfg: StepConfig,
-                    generator: torch.Generator | None = None) -> dict[str, float]:
+                    generator: torch.Generator | None = None, meta_scheduler=None) -> dict[str, float]:
     """One iteration: (meta methods) update the RTN on the meta batch, then update the main model.
 
     The virtual step of ``metaxl`` uses the main model's current learning rate, as in MetaXL.
+    ``meta_scheduler`` (if given) steps the RTN's learning rate once per iteration.
 
     Returns:
         ``{"train_loss": L_train before the main update, "meta_loss": L_meta (NaN for joint_training)}``.
@@ -233,12 +258,37 @@ def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, schedu
         elif method == "metaxl_evograd":
             meta_loss = metaxl_evograd_meta_step(
                 cfg.evograd_estimator, model, rtn, source, target, meta, cfg.transfer_layer,
-                n_candidates=cfg.n_candidates, sigma=cfg.sigma, temperature=cfg.temperature, generator=generator)
+                candidate_encoder=cfg.candidate_encoder, n_candidates=cfg.n_candidates, sigma=cfg.sigma,
+                temperature=cfg.temperature, generator=generator)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         meta_optimizer.step()
+        if meta_scheduler is not None:
+            meta_scheduler.step()
     train_loss = main_update(model, optimizer, scheduler, source, target, rtn, cfg.transfer_layer, cfg.max_grad_norm)
     return {"train_loss": train_loss, "meta_loss": meta_loss}
+
+
+OPTIMIZERS = ("adam", "adamw")
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam with weight decay coupled into the gradient, or AdamW with it decoupled.
+
+    ``adam`` (the MetaXL/EvoGrad code): g ← ∇L + wd·θ, then Adam's moments and step, so a
+    parameter whose data gradient is 0 (an embedding row of a sub-token absent from the batch)
+    moves by ≈ lr·sign(θ) per step towards 0 whatever wd is. ``adamw``: Adam's step on ∇L alone,
+    then θ ← θ − lr·wd·θ.
+
+    Raises:
+        ValueError: on an unknown name or a negative weight decay.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:

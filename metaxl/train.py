@@ -26,9 +26,11 @@ from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
                             progress, run_cli, seed_everything, seeds_of, select_device)
-from metaxl.data import build_vocab, cycle_batches, encode, epoch_batches, load_language, write_synthetic_panx
-from metaxl.model import (METHODS, TINY, TINY_LAYERS, RepresentationTransformation, StepConfig, build_tagger, evaluate,
-                          load_tokenizer, tiny_config, to_device, train_iteration)
+from metaxl.data import (SUBSAMPLING, build_vocab, cycle_batches, encode, epoch_batches, load_language, split_batch,
+                         subsample, write_synthetic_panx)
+from metaxl.model import (CANDIDATE_ENCODER, METHODS, OPTIMIZERS, TINY, TINY_LAYERS, RepresentationTransformation,
+                          StepConfig, build_optimizer, build_tagger, evaluate, load_tokenizer, tiny_config, to_device,
+                          train_iteration)
 
 PAPER_TARGETS = ("qu", "cdo", "ilo", "xmf", "mhr", "mi", "tk", "gn")
 SYNTHETIC_EVAL_SIZES = {"dev": 100, "test": 300}
@@ -45,10 +47,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train_size", type=positive(int), default=5000, help="source sentences used")
     p.add_argument("--target_train_size", type=positive(int), default=100, help="target training sentences used")
     p.add_argument("--batch_size", type=positive(int), default=12, help="sentences per batch (source and target)")
-    p.add_argument("--lr", type=positive(), default=3e-5, help="main model learning rate (AdamW)")
+    p.add_argument("--subsample", default="random", choices=SUBSAMPLING,
+                   help="how --train_size / --target_train_size sentences are picked: a random draw seeded with "
+                        "--data_seed (the MetaXL code) or the first ones in the file")
+    p.add_argument("--data_seed", type=int, default=42, help="seed of the random subsample (same for every --seed)")
+    p.add_argument("--target_split", default="half", choices=("half", "independent"),
+                   help="half: one target batch per iteration, its first half in L_train and the rest as the meta "
+                        "batch (the MetaXL code, --portion 2); independent: two separate full target batches")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help="main model optimiser: adam (weight decay coupled into the gradient, the MetaXL code) "
+                        "or adamw (decoupled)")
+    p.add_argument("--lr", type=positive(), default=3e-5, help="main model learning rate")
     p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear lr warm-up")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the main model")
+    p.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay of the main model")
     p.add_argument("--meta_lr", type=positive(), default=1e-6, help="RTN learning rate (Adam)")
+    p.add_argument("--meta_weight_decay", type=float, default=5e-4, help="RTN weight decay (Adam, coupled)")
+    p.add_argument("--meta_schedule", default="warmup_linear", choices=("warmup_linear", "constant"),
+                   help="RTN lr schedule: the main model's warm-up and linear decay (the MetaXL code) or constant")
     p.add_argument("--epochs", type=positive(int), default=20, help="passes over the source sentences")
     p.add_argument("--max_seq_length", type=positive(int), default=200, help="sub-tokens per training sentence")
     p.add_argument("--eval_max_seq_length", type=positive(int), default=512, help="sub-tokens per eval sentence")
@@ -65,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
     p.add_argument("--sigma", type=positive(), default=1e-3, help="EvoGrad perturbation scale")
     p.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature")
+    p.add_argument("--candidate_encoder", default="per_candidate", choices=CANDIDATE_ENCODER,
+                   help="metaxl_evograd: rerun the encoder for every candidate (own dropout mask, the EvoGrad code) "
+                        "or run it once and share its features between the K heads")
     p.add_argument("--no_figures", action="store_true", help="skip the dev-F1 figures")
     add_common_args(p, default_seeds=(1,), default_out="results/metaxl")
     args = p.parse_args(argv)
@@ -75,6 +93,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise CLIError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.n_candidates < 2:
         raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
+    for flag in ("weight_decay", "meta_weight_decay"):
+        if getattr(args, flag) < 0:
+            raise CLIError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.target_split == "half" and args.batch_size < 2:
+        raise CLIError(f"--target_split half needs --batch_size >= 2 (got {args.batch_size}); "
+                       "use --target_split independent for batches of one sentence")
     return args
 
 
@@ -87,15 +111,50 @@ def load_data(args: argparse.Namespace, target: str, scratch: Path) -> dict:
         root = write_synthetic_panx(scratch / target, args.source, target, sizes)
     source = load_language(root, args.source, ("train",))
     target_splits = load_language(root, target)
-    return {"lang": target, "source": source["train"][: args.train_size],
-            "target": target_splits["train"][: args.target_train_size], "dev": target_splits["dev"],
-            "test": target_splits["test"]}
+    how, seed = getattr(args, "subsample", "first"), getattr(args, "data_seed", 42)  # older checkpoints: first
+    return {"lang": target, "source": subsample(source["train"], args.train_size, how, seed),
+            "target": subsample(target_splits["train"], args.target_train_size, how, seed),
+            "dev": target_splits["dev"], "test": target_splits["test"]}
 
 
 def lr_schedule(total_steps: int, warmup_ratio: float):
     """Linear warm-up to the full lr over the first steps (never 0), then linear decay to 0."""
     warmup = max(1, int(warmup_ratio * total_steps))
     return lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+
+
+def build_optimizers(args: argparse.Namespace, model: torch.nn.Module, rtn: torch.nn.Module | None, total_steps: int):
+    """Main optimiser and schedule; RTN optimiser and schedule (None without an RTN).
+
+    Defaults as in the MetaXL/EvoGrad code (``ondrejbohdal/evograd``,
+    ``CrossLingualLearningMetaXL/mtrain.py`` lines 910-937): both are Adam with weight decay 5e-4
+    coupled into the gradient, and both learning rates follow the same linear warm-up and decay.
+    """
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    schedule = lr_schedule(total_steps, args.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if rtn is None:
+        return optimizer, scheduler, None, None
+    meta_optimizer = build_optimizer("adam", rtn.parameters(), args.meta_lr, args.meta_weight_decay)
+    meta_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        meta_optimizer, schedule if args.meta_schedule == "warmup_linear" else lambda step: 1.0)
+    return optimizer, scheduler, meta_optimizer, meta_scheduler
+
+
+def target_batches(targets, split: str, meta: bool) -> tuple[dict, dict | None]:
+    """The target part of L_train and the meta batch for one iteration, from the target batch stream.
+
+    ``half`` (the MetaXL code, ``--portion 2``): one batch; meta methods put its first
+    ⌊n/2⌋ sentences in L_train (virtual step and main update) and the rest in the meta loss, joint
+    training uses all of it. ``independent``: L_train's part and the meta batch are two whole
+    batches.
+    """
+    batch = next(targets)
+    if not meta:
+        return batch, None
+    if split == "half":
+        return split_batch(batch, batch["input_ids"].shape[0] // 2)
+    return batch, next(targets)
 
 
 def run_method(args, method: str, seed: int, setting: str, data: dict, device: torch.device) -> dict:
@@ -113,15 +172,14 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     source_items = encode(tokenizer, data["source"], args.max_seq_length)
     target_items = encode(tokenizer, data["target"], args.max_seq_length)
     steps_per_epoch = math.ceil(len(source_items) / args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.epochs * steps_per_epoch, args.warmup_ratio))
-    meta_optimizer = torch.optim.Adam(rtn.parameters(), lr=args.meta_lr) if rtn is not None else None
+    optimizer, scheduler, meta_optimizer, meta_scheduler = build_optimizers(args, model, rtn,
+                                                                            args.epochs * steps_per_epoch)
     cfg = StepConfig(args.transfer_layer, args.max_grad_norm, args.metaxl_estimator, args.evograd_estimator,
-                     args.n_candidates, args.sigma, args.temperature)
+                     args.n_candidates, args.sigma, args.temperature, args.candidate_encoder)
 
     ckpt_path = Path(args.out) / "checkpoints" / results_path("", "metaxl", setting, method, seed).with_suffix(".pt").name
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rtn": rtn,
-                "meta_optimizer": meta_optimizer}
+                "meta_optimizer": meta_optimizer, "meta_scheduler": meta_scheduler}
     history, start_epoch = [], 0
     ckpt = resume_checkpoint(ckpt_path, vars(args), device) if args.resume else None
     if ckpt is not None:
@@ -139,11 +197,12 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         losses = []
         for step, source_batch in enumerate(progress(epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id),
                                                      total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")):
-            target_batch = to_device(next(targets), device)
-            meta_batch = to_device(next(targets), device) if rtn is not None else None
+            target_batch, meta_batch = target_batches(targets, args.target_split, rtn is not None)
             with guard.step(epoch + 1), meter.step():
                 out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
-                                      to_device(source_batch, device), target_batch, meta_batch, cfg, generator)
+                                      to_device(source_batch, device), to_device(target_batch, device),
+                                      to_device(meta_batch, device) if meta_batch is not None else None, cfg,
+                                      generator, meta_scheduler)
             guard.check(training_loss=out["train_loss"], meta_loss=out["meta_loss"] if rtn is not None else None)
             losses.append(out["train_loss"])
         dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device)

@@ -14,13 +14,14 @@ from transformers import PreTrainedTokenizerFast
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from common.results import load_checkpoint  # noqa: E402
 from common.runtime import CLIError, DataError, run_cli  # noqa: E402
 from metaxl import eval as metaxl_eval  # noqa: E402
 from metaxl import train as metaxl_train  # noqa: E402
 from metaxl.data import (IGNORE_INDEX, LABEL_TO_ID, align_labels, build_vocab, collate, encode,  # noqa: E402
-                         load_language, read_panx, word_level_tokenizer, write_synthetic_panx)
-from metaxl.model import (RepresentationTransformation, build_tagger, evaluate, metaxl_evograd_meta_step,  # noqa: E402
-                          metaxl_meta_step, tiny_config, transformed)
+                         load_language, read_panx, split_batch, subsample, word_level_tokenizer, write_synthetic_panx)
+from metaxl.model import (RepresentationTransformation, build_optimizer, build_tagger, evaluate,  # noqa: E402
+                          metaxl_evograd_meta_step, metaxl_meta_step, tiny_config, transformed)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,7 +193,7 @@ def test_meta_step_gives_rtn_gradient_and_leaves_main_model_unchanged(tiny_setup
 
 def test_evograd_head_step_matches_manual_evograd(tiny_setup):
     """Running the encoder once and perturbing the head equals EvoGrad on the full forward."""
-    from common.evograd import evograd_meta_loss, functional_forward
+    from common.evograd import evograd_meta_loss
     from metaxl.model import tagger_loss, training_loss
 
     model, (source, target, meta) = tiny_setup
@@ -208,9 +209,154 @@ def test_evograd_head_step_matches_manual_evograd(tiny_setup):
                             lambda p: tagger_loss(model, meta, p), generator=torch.Generator().manual_seed(5))
     val.backward(inputs=list(rtn.parameters()))
     model.train()
+    assert sum(g.abs().sum() for g in fast) > 1e-8  # the comparison is not 0 == 0
     for a, p in zip(fast, rtn.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-9)
-    assert functional_forward  # imported helper used by training_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults that follow the MetaXL/EvoGrad code (CrossLingualLearningMetaXL/ in ondrejbohdal/evograd)
+# ---------------------------------------------------------------------------------------------
+
+def test_default_optimisers_are_adam_with_coupled_decay_and_the_rtn_schedule(tiny_setup):
+    model, _ = tiny_setup
+    args = metaxl_train.parse_args([])
+    rtn = RepresentationTransformation(model.config.hidden_size, 8)
+    optimizer, _, meta_optimizer, meta_scheduler = metaxl_train.build_optimizers(args, model, rtn, total_steps=100)
+    for opt, lr in ((optimizer, 3e-5), (meta_optimizer, 1e-6)):
+        assert type(opt) is torch.optim.Adam  # not AdamW
+        (group,) = opt.param_groups
+        assert group["weight_decay"] == 5e-4 and not group.get("decoupled_weight_decay", False)
+        assert group["initial_lr"] == lr
+    # RTN lr: linear warm-up over the first 10 % of the steps, then linear decay to 0 at the last
+    lrs = []
+    for _ in range(100):
+        lrs.append(meta_optimizer.param_groups[0]["lr"])
+        meta_optimizer.step()
+        meta_scheduler.step()
+    assert lrs[:10] == pytest.approx([1e-6 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10:] == pytest.approx([1e-6 * (100 - s) / 90 for s in range(10, 100)])
+    const = metaxl_train.parse_args(["--meta_schedule", "constant"])
+    _, _, _, flat = metaxl_train.build_optimizers(const, model, rtn, total_steps=100)
+    assert flat.get_last_lr() == [1e-6]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_coupled_decay_moves_a_parameter_without_data_gradient_by_lr(name):
+    """Adam: g = wd·θ only, so Adam's step is lr·sign(θ) whatever wd is; AdamW: θ ← θ(1 − lr·wd)."""
+    theta = torch.nn.Parameter(torch.tensor([2.0, -0.5]))
+    opt = build_optimizer(name, [theta], lr=0.01, weight_decay=5e-4)
+    theta.grad = torch.zeros(2)  # an embedding row of a sub-token absent from the batch
+    opt.step()
+    expected = [1.99, -0.49] if name == "adam" else [2.0 * (1 - 0.01 * 5e-4), -0.5 * (1 - 0.01 * 5e-4)]
+    assert theta.detach().tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_target_batch_is_split_six_six_for_meta_methods_and_whole_for_joint_training():
+    vocab = build_vocab([(["w%d" % i for i in range(30)], ["O"] * 30)])
+    tok = word_level_tokenizer(vocab)
+    sentences = [(["w%d" % j for j in range(i % 5 + 1)], ["O"] * (i % 5 + 1)) for i in range(24)]
+    batches = [collate(encode(tok, sentences[i:i + 12], 16), 1) for i in (0, 12)]
+    first, meta = metaxl_train.target_batches(iter(batches), "half", meta=True)
+    assert first["input_ids"].shape[0] == 6 and meta["input_ids"].shape[0] == 6
+    assert torch.equal(first["labels"], batches[0]["labels"][:6, : first["labels"].shape[1]])
+    assert torch.equal(meta["input_ids"], batches[0]["input_ids"][6:, : meta["input_ids"].shape[1]])
+    for part in (first, meta):  # cut to the longest row of the part
+        assert part["attention_mask"][:, -1].any()
+    whole, none = metaxl_train.target_batches(iter(batches), "half", meta=False)
+    assert whole["input_ids"].shape[0] == 12 and none is None
+    a, b = metaxl_train.target_batches(iter(batches), "independent", meta=True)
+    assert torch.equal(a["input_ids"], batches[0]["input_ids"]) and torch.equal(b["input_ids"], batches[1]["input_ids"])
+    assert metaxl_train.parse_args([]).target_split == "half"
+    with pytest.raises(ValueError, match="non-empty"):
+        split_batch(batches[0], 12)
+
+
+def test_training_feeds_six_target_and_six_meta_sentences(tmp_path, monkeypatch):
+    seen = []
+
+    def record(method, model, rtn, opt, sched, meta_opt, source, target, meta, cfg, generator=None, meta_sched=None):
+        seen.append((method, source["input_ids"].shape[0], target["input_ids"].shape[0],
+                     None if meta is None else meta["input_ids"].shape[0], cfg.candidate_encoder))
+        return {"train_loss": 1.0, "meta_loss": float("nan")}
+
+    monkeypatch.setattr(metaxl_train, "train_iteration", record)
+    argv = [a for a in TINY_RUN] + ["--out", str(tmp_path), "--methods", "joint_training", "metaxl_evograd"]
+    argv[argv.index("--batch_size") + 1] = "12"
+    metaxl_train.main(argv)
+    assert seen == [("joint_training", 12, 12, None, "per_candidate"), ("joint_training", 12, 12, None, "per_candidate"),
+                    ("metaxl_evograd", 12, 6, 6, "per_candidate"), ("metaxl_evograd", 12, 6, 6, "per_candidate")]
+
+
+def _sentences(n):
+    return [([f"s{i}"], ["O"]) for i in range(n)]
+
+
+def test_subsample_is_the_seeded_random_draw_of_the_metaxl_code():
+    import numpy as np
+
+    pool = _sentences(50)
+    picked = subsample(pool, 10)  # defaults: random, seed 42
+    np.random.seed(42)  # the MetaXL code's recipe (mtrain.py read_data), global NumPy RNG
+    reference = [pool[i] for i in np.random.choice(np.arange(0, 50), 10, replace=False)]
+    assert picked == reference and picked != pool[:10]
+    assert subsample(pool, 10) == picked and subsample(pool, 10, seed=43) != picked
+    assert subsample(pool, 10, "first") == pool[:10]
+    assert subsample(pool, 80) == pool  # all of them, in file order
+    with pytest.raises(ValueError, match="subsampling"):
+        subsample(pool, 10, "last")
+
+
+def test_load_data_subsamples_the_same_sentences_in_every_run(tmp_path):
+    write_synthetic_panx(tmp_path, "en", "qu", {"en": {"train": 40}, "qu": {"train": 30, "dev": 5, "test": 5}})
+    args = metaxl_train.parse_args(["--data-root", str(tmp_path), "--train_size", "10", "--target_train_size", "8",
+                                    "--targets", "qu"])
+    runs = [metaxl_train.load_data(args, "qu", tmp_path) for _ in range(2)]
+    assert runs[0]["source"] == runs[1]["source"] and runs[0]["target"] == runs[1]["target"]
+    full = load_language(tmp_path, "qu")
+    assert runs[0]["target"] == subsample(full["train"], 8, "random", 42) != full["train"][:8]
+    assert len(runs[0]["source"]) == 10 and len(set(map(str, runs[0]["source"]))) == 10
+
+
+class _CountCalls:
+    def __init__(self, module):
+        self.n = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, *_):
+        self.n += 1
+
+
+@pytest.mark.parametrize("encoder, passes", [("per_candidate", 2 * 3 + 1), ("shared", 3)])
+def test_candidate_encoder_passes(encoder, passes):
+    torch.manual_seed(0)
+    sentences = [(["a", "b", "c"], ["B-PER", "I-PER", "O"])] * 18
+    tok = word_level_tokenizer(build_vocab(sentences))
+    source, target, meta = (collate(encode(tok, sentences[:k], 8), 1) for k in (6, 6, 6))
+    model = build_tagger(tiny_config(len(tok), 8)).train()
+    calls = _CountCalls(model.roberta)
+    rtn = RepresentationTransformation(model.config.hidden_size, 4)
+    metaxl_evograd_meta_step("evograd", model, rtn, source, target, meta, 4, candidate_encoder=encoder,
+                             n_candidates=3, generator=torch.Generator().manual_seed(0))
+    assert calls.n == passes  # K x (source, target) + meta, or source + target + meta
+
+
+def test_candidate_encoders_agree_without_dropout_and_differ_with_it(tiny_setup):
+    model, (source, target, meta) = tiny_setup
+    rtn = RepresentationTransformation(model.config.hidden_size, 8)
+    grads = {}
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        for encoder in ("per_candidate", "shared"):
+            rtn.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            metaxl_evograd_meta_step("evograd", model, rtn, source, target, meta, 4, candidate_encoder=encoder,
+                                     generator=torch.Generator().manual_seed(1))
+            grads[mode, encoder] = torch.cat([p.grad.flatten() for p in rtn.parameters()])
+    model.train()
+    assert torch.allclose(grads["eval", "per_candidate"], grads["eval", "shared"], rtol=1e-5, atol=1e-10)
+    assert not torch.allclose(grads["train", "per_candidate"], grads["train", "shared"], rtol=1e-2)
+    assert metaxl_train.parse_args([]).candidate_encoder == "per_candidate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +375,9 @@ def test_train_help_and_bad_arguments_exit_2(capsys, tmp_path):
     assert help_exit.value.code == 0 and "--bottle_size" in capsys.readouterr().out
     for argv, message in ((["--quick", "--transfer_layer", "20", "--methods", "metaxl"], "transfer_layer must be in 0..4"),
                           (["--quick", "--data-root", str(tmp_path / "no_panx")], "not found"),
-                          (["--quick", "--warmup_ratio", "1.5"], "warmup_ratio")):
+                          (["--quick", "--warmup_ratio", "1.5"], "warmup_ratio"),
+                          (["--quick", "--batch_size", "1"], "--target_split half needs --batch_size >= 2"),
+                          (["--quick", "--meta_weight_decay", "-1"], "--meta_weight_decay must be >= 0")):
         with pytest.raises(SystemExit) as bad_exit:
             run_cli(metaxl_train.main, [*argv, "--out", str(tmp_path)])
         err = capsys.readouterr().err
@@ -250,7 +398,16 @@ def test_tiny_run_of_each_method_writes_valid_results_and_eval_reads_checkpoint(
         assert record["method"] == method and record["seed"] == 3 and record["config"]["target"] == "qu"
         assert 0 <= record["metrics"]["test_f1"] <= 100 and record["metrics"]["best_epoch"] == 1
         assert record["efficiency"]["meta_step_s"] > 0 and record["config"]["n_source_sentences"] == 24
+        config = record["config"]
+        assert (config["optimizer"], config["weight_decay"], config["meta_weight_decay"], config["meta_schedule"],
+                config["target_split"], config["subsample"], config["data_seed"], config["candidate_encoder"]) == (
+            "adam", 5e-4, 5e-4, "warmup_linear", "half", "random", 42, "per_candidate")
     ckpt = tmp_path / "checkpoints" / "metaxl_synthetic-en-qu-tiny_metaxl_evograd_seed3.pt"
+    state = load_checkpoint(ckpt)
+    for name in ("optimizer", "meta_optimizer"):  # what the run really used, as saved with the model
+        (group,) = state[name]["param_groups"]
+        assert group["weight_decay"] == 5e-4 and not group.get("decoupled_weight_decay", False)
+    assert state["meta_scheduler"]["last_epoch"] == 4  # 24 source sentences / batch 6, one epoch
     scores = metaxl_eval.main(["--checkpoint", str(ckpt), "--split", "test", "--out", str(tmp_path / "eval.json")])
     assert scores["f1"] == pytest.approx(record["metrics"]["test_f1"])
     assert json.loads((tmp_path / "eval.json").read_text())["f1"] == pytest.approx(scores["f1"])
@@ -272,3 +429,16 @@ def test_resume_continues_from_the_epoch_checkpoint(tmp_path, capsys, monkeypatc
     record = json.loads((tmp_path / "metaxl_synthetic-en-qu-tiny_metaxl_evograd_seed3.json").read_text())
     assert [h["epoch"] for h in record["metrics"]["history"]] == [1, 2]
     assert record["efficiency"]["resumed_at_epoch"] == 1
+
+
+def test_candidate_study_smoke_and_bad_input(tmp_path, capsys):
+    from metaxl import candidate_study
+
+    out = tmp_path / "study.json"
+    result = candidate_study.main(["--draws", "2", "--warm_steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["draws"] == 2 and result["rtn_parameters"] == 64 * 32 + 32 + 32 * 65 + 65
+    assert -1 <= result["paired_cosine_mean"] <= 1 and result["train_loss_spread"]["dropout"] > 0
+    assert result["mean_norm_relative_to_per_candidate"]["per_candidate"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit) as bad:
+        run_cli(candidate_study.main, ["--draws", "1"])
+    assert bad.value.code == 2 and "--draws must be >= 2" in capsys.readouterr().err
