@@ -505,9 +505,13 @@ def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None =
                     elinewidth=0.7, capsize=1.5, alpha=0.9, label=text, mec="white" if marker not in "xX" else color,
                     mew=0.5)
     points = [(_cost(r, axis), r["cosine"]) for r in shown]
-    for i in pareto_front(points):
-        ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, xytext=(4, -9),
-                    textcoords="offset points", color="0.15")
+    logs = [math.log(x) for x, _ in points] or [0.0]
+    low, span = min(logs), max(max(logs) - min(logs), 1e-9)
+    for n, i in enumerate(sorted(pareto_front(points), key=lambda i: points[i][0])):
+        right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
+        ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, color="0.15",
+                    xytext=(-4 if right_side else 4, -10 if n % 2 == 0 or points[i][1] > 0.85 else 5), textcoords="offset points",
+                    ha="right" if right_side else "left")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-1.05, 1.1)
@@ -542,7 +546,7 @@ def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) ->
             _panel(ax, rows, axis)
             ax.set_title(f"{name} (λ on the {kind})", fontsize=9)
         ax_time.set_ylabel("cosine with reference")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 1.1 / (3.3 * n + 1.2)))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / (3.3 * n + 1.2)))
     _figure_legend(fig, axes.flatten(), 1.0)
     return save_figure(fig, stem)
 
@@ -571,7 +575,7 @@ def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Pat
         _panel(ax, rows_by_problem[name], "time", SUMMARY_FAMILIES, label_size=6)
         ax.set_title(f"λ on the {kind} ({name})", fontsize=9)
     axes[0][0].set_ylabel("cosine with reference")
-    fig.tight_layout(rect=(0, 0, 1, 0.8))
+    fig.tight_layout(rect=(0, 0, 1, 0.85))
     _figure_legend(fig, axes[0], 1.0)
     return save_figure(fig, stem)
 
