@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import json
 import math
 import statistics
 import sys
@@ -580,6 +581,19 @@ def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Pat
     return save_figure(fig, stem)
 
 
+def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
+    """{problem: rows} from study.json files; a later file's problems replace an earlier file's."""
+    rows_by_problem: dict[str, list[dict]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise CLIError(f"--from-json: no such file {path}; give study.json files written by this module")
+        fresh: dict[str, list[dict]] = {}
+        for row in json.loads(Path(path).read_text())["rows"]:
+            fresh.setdefault(row["problem"], []).append(row)
+        rows_by_problem.update(fresh)
+    return rows_by_problem
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.hypergrad_study", description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", help="problems to run (default: all found)")
@@ -587,10 +601,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting before the draws")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
+    parser.add_argument("--from-json", "--from_json", nargs="+", type=Path, metavar="STUDY_JSON",
+                        help="only redraw the figures into --out from these study.json files (a later file's "
+                             "problems replace an earlier file's)")
     add_common_args(parser, default_seeds=(0,), default_out="results/hypergrad_study")
     args = parser.parse_args(argv)
     if args.draws < 1 or args.warmup < 0 or args.threads < 1:
         raise CLIError("--draws and --threads must be >= 1 and --warmup >= 0")
+    if args.from_json:
+        rows_by_problem = load_rows(args.from_json)
+        out = Path(args.out)
+        figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
+        figures += plot_summary(rows_by_problem, out / "fidelity_vs_time_summary")
+        print(f"wrote {', '.join(map(str, figures))}")
+        return
     problems = discover_problems()
     if args.list:
         for p in problems.values():
