@@ -512,7 +512,8 @@ def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None =
         right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
         ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, color="0.15",
                     xytext=(-4 if right_side else 4, -10 if n % 2 == 0 or points[i][1] > 0.85 else 5), textcoords="offset points",
-                    ha="right" if right_side else "left")
+                    ha="right" if right_side else "left", zorder=1.5,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-1.05, 1.1)
