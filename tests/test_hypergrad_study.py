@@ -91,6 +91,11 @@ def test_cli_tiny_run_writes_results_table_and_figure(tmp_path):
     assert (tmp_path / "fidelity_vs_time_summary.png").stat().st_size > 10_000
     rows = json.loads((tmp_path / "study.json").read_text())["rows"]
     assert {r["problem"] for r in rows} == {"one_d", "ridge"}
+    redraw = tmp_path / "redraw"
+    main(["--from-json", str(tmp_path / "study.json"), "--out", str(redraw)])
+    assert (redraw / "fidelity_vs_cost.png").stat().st_size > 10_000
+    assert (redraw / "fidelity_vs_time_summary.png").stat().st_size > 10_000
+    assert not list(redraw.glob("*.json"))  # redrawing measures nothing
 
 
 def run_module(cwd, *args: str) -> subprocess.CompletedProcess:
@@ -105,6 +110,9 @@ def test_cli_help_and_bad_arguments(repo_root, capsys):
     with pytest.raises(SystemExit) as done:
         run_cli(main, ["--draws", "0"])
     assert done.value.code == 2 and capsys.readouterr().err.strip() == "error: --draws and --threads must be >= 1 and --warmup >= 0"
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, ["--from-json", "no_such_study.json"])
+    assert done.value.code == 2 and "--from-json: no such file no_such_study.json" in capsys.readouterr().err
     proc = run_module(repo_root, "--problems", "nonsense")  # the real entry point, in its own process
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: unknown problem(s) ['nonsense']")
