@@ -19,9 +19,14 @@ candidates, W window):
     finite_difference   inner_lr, fd_epsilon                        3 F + 3 plain B (T = 1)      1 graph + 3 θ-sized tensors
     unrolled            inner_lr, inner_steps                       as second_order              as second_order
     multistep           inner_lr, inner_steps, window               ⌈T/W⌉ F + ⌈T/W⌉ double B     ⌈T/W⌉ graphs
+    cg                  cg_iters, cg_damping, cg_tol                1 F + 1 double B + J HVPs    train graph + its gradient's
+                                                                    + 1 B into λ                 graph, 4 θ-sized vectors
+    neumann             neumann_iters, neumann_alpha (or inner_lr)  as cg                        as cg, 3 θ-sized vectors
+    sama                inner_lr, base_optimizer, fd_epsilon        2 F + 2 plain B (+1 F/B Adam) 1 graph + 3 θ-sized tensors
 
-(plus one validation forward/backward for every method). The estimators' docstrings in
-``common.evograd``, ``common.second_order`` and ``common.estimators`` give the details.
+(plus one validation forward/backward for every method; HVP: Hessian-vector product, J its
+count). The estimators' docstrings in ``common.evograd``, ``common.second_order``,
+``common.estimators`` and ``common.implicit`` give the details.
 ``add_estimator_args`` / ``estimator_options`` give CLIs the flags of all of them at once.
 Under ``torch.distributed`` every method gives the whole batch's hypergradient on every rank,
 with the same call (``common.distributed``, which lists what each method communicates).
@@ -33,17 +38,33 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from common.runtime import positive
-
 from common.distributed import data_parallel
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
+from common.implicit import implicit_hypergrad, sama_hypergrad
+from common.runtime import positive
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
 EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator")
 SECOND_ORDER_OPTIONS = ("inner_lr", "inner_steps")
 FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
 MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
+CG_OPTIONS = ("cg_iters", "cg_damping", "cg_tol")
+NEUMANN_OPTIONS = ("neumann_iters", "neumann_alpha", "inner_lr")
+SAMA_OPTIONS = ("inner_lr", "base_optimizer", "fd_epsilon")
+
+
+def non_negative(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a number >= 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
 
 
 def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
@@ -70,6 +91,18 @@ def _finite_difference(params, hyperparams, train_loss_fn, val_loss_fn, **option
     return finite_difference_hypergrad(params, hyperparams, train_loss_fn, val_loss_fn, **options).item()
 
 
+def _cg(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+    return implicit_hypergrad(params, hyperparams, train_loss_fn, val_loss_fn, solver="cg", **options).item()
+
+
+def _neumann(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+    return implicit_hypergrad(params, hyperparams, train_loss_fn, val_loss_fn, solver="neumann", **options).item()
+
+
+def _sama(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+    return sama_hypergrad(params, hyperparams, train_loss_fn, val_loss_fn, **options).item()
+
+
 ESTIMATORS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
     "evograd": (_evograd, EVOGRAD_OPTIONS),
     "evograd_low_memory": (_evograd_low_memory, EVOGRAD_OPTIONS),
@@ -78,15 +111,20 @@ ESTIMATORS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
     "finite_difference": (_finite_difference, FINITE_DIFFERENCE_OPTIONS),
     "unrolled": (_backward_through(second_order_meta_loss), SECOND_ORDER_OPTIONS),  # T = inner_steps
     "multistep": (_backward_through(multistep_meta_loss), MULTISTEP_OPTIONS),
+    "cg": (_cg, CG_OPTIONS),
+    "neumann": (_neumann, NEUMANN_OPTIONS),
+    "sama": (_sama, SAMA_OPTIONS),
 }
 
 
 def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float | None, inner_steps: int = 1,
                        window: int | None = None, fd_epsilon: float = 0.01) -> argparse.ArgumentParser:
-    """Add ``--inner_lr``, ``--inner_steps``, ``--window``, ``--fd_epsilon`` where the parser lacks them.
+    """Add the non-EvoGrad estimators' flags where the parser lacks them.
 
-    These are the options of the second-order, unrolled, multistep and finite-difference
-    estimators; the arguments give their defaults, and every value must be > 0. Flags whose
+    ``--inner_lr``, ``--inner_steps``, ``--window``, ``--fd_epsilon`` (second-order, unrolled,
+    multistep, finite-difference, SAMA; the arguments give their defaults, every value > 0),
+    ``--cg_iters`` (10), ``--cg_damping`` (0, ≥ 0), ``--cg_tol`` (1e-6, ≥ 0), ``--neumann_iters`` (5)
+    and ``--neumann_alpha`` (default: ``inner_lr``). Flags whose
     destination the parser already has (say an experiment's own ``--inner_lr``) are left as they
     are; ``inner_lr=None`` adds no ``--inner_lr`` (for a caller that sets η itself, e.g. from its
     learning-rate schedule).
@@ -96,7 +134,13 @@ def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float | None, 
                                       "multistep, finite_difference)"),
         "inner_steps": (positive(int), inner_steps, "T, inner steps unrolled by second_order/unrolled/multistep"),
         "window": (positive(int), window, "W, inner steps per gradient in multistep (1 <= W <= T; default W = T)"),
-        "fd_epsilon": (positive(float), fd_epsilon, "norm of the central-difference perturbation of finite_difference"),
+        "fd_epsilon": (positive(float), fd_epsilon, "norm of the central-difference perturbation of "
+                                                    "finite_difference and sama"),
+        "cg_iters": (positive(int), 10, "J, most conjugate-gradient steps (Hessian-vector products) of cg"),
+        "cg_damping": (non_negative(float), 0.0, "δ >= 0 added to the Hessian in cg: solves (H + δI) x = v"),
+        "cg_tol": (non_negative(float), 1e-6, "cg stops once the residual norm is <= this times ‖v‖ (0: never)"),
+        "neumann_iters": (positive(int), 5, "J, Hessian-vector products of the Neumann series (neumann)"),
+        "neumann_alpha": (positive(float), None, "α of the Neumann series, below 2/λ_max(H) (default: inner_lr)"),
     }
     existing = {action.dest for action in parser._actions}
     for dest, (kind, default, text) in flags.items():
@@ -107,7 +151,7 @@ def add_estimator_args(parser: argparse.ArgumentParser, inner_lr: float | None, 
 
 def estimator_options(args: argparse.Namespace) -> dict:
     """The non-EvoGrad estimator options found on ``args`` (see ``add_estimator_args``)."""
-    names = set(SECOND_ORDER_OPTIONS + FINITE_DIFFERENCE_OPTIONS + MULTISTEP_OPTIONS)
+    names = set(SECOND_ORDER_OPTIONS + FINITE_DIFFERENCE_OPTIONS + MULTISTEP_OPTIONS + CG_OPTIONS + NEUMANN_OPTIONS)
     return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
 
 

@@ -3,7 +3,9 @@
     python -m common.hypergrad_study [--problems one_d ridge ...] [--draws N] [--quick] --out DIR
 
 For every problem and estimator setting (EvoGrad K = 2, 5, 10, 50 and σ, τ sweeps; one-step
-second-order, torch.func twin and finite differences; unrolled T; multistep T and W) it measures
+second-order, torch.func twin and finite differences; unrolled T; multistep T and W; implicit
+differentiation by conjugate gradient and by a Neumann series with J Hessian-vector products;
+SAMA with plain SGD as the base optimiser) it measures
 the cosine similarity and the sign agreement of the estimate with the problem's reference
 hypergradient over many draws, the seconds per hypergradient and the peak memory. Settings run
 interleaved (every draw runs every setting, in rotating order) so that drifts in machine speed hit
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import json
 import math
 import statistics
 import sys
@@ -311,6 +314,8 @@ class EstimatorSetting:
 EVOGRAD_K = (2, 5, 10, 50)
 EVOGRAD_SIGMAS = (1e-4, 1e-2, 1e-1)       # beside the paper's σ = 1e-3
 EVOGRAD_TEMPERATURES = (0.005, 0.5, 5.0)  # beside the paper's τ = 0.05
+CG_ITERS = (5, 10, 20)                    # J of the conjugate-gradient settings (quick: 10)
+NEUMANN_ITERS = (5, 20, 50)               # J of the Neumann settings (quick: 5), α = the problem's η
 
 
 def estimator_settings(problem: StudyProblem, quick: bool = False) -> list[EstimatorSetting]:
@@ -320,7 +325,7 @@ def estimator_settings(problem: StudyProblem, quick: bool = False) -> list[Estim
     ks = (2, 10) if quick else EVOGRAD_K
     settings = [EstimatorSetting(f"{evo} K={k}", evo, {**base, "n_candidates": k}, "evograd") for k in ks]
     other = "evograd" if evo == "evograd_low_memory" else "evograd_low_memory"  # same estimate, other memory
-    settings.append(EstimatorSetting(f"{other} K=10", other, {**base, "n_candidates": 10}, "evograd"))
+    settings.append(EstimatorSetting(f"{other} K=10", other, {**base, "n_candidates": 10}, "evograd other path"))
     sigmas = EVOGRAD_SIGMAS[1:2] if quick else EVOGRAD_SIGMAS
     settings += [EstimatorSetting(f"{evo} K=2 sigma={s:g}", evo, {**base, "n_candidates": 2, "sigma": s},
                                   "evograd sigma") for s in sigmas]
@@ -340,6 +345,11 @@ def estimator_settings(problem: StudyProblem, quick: bool = False) -> list[Estim
     settings += [EstimatorSetting(f"multistep T={horizon} W={w}", "multistep",
                                   {"inner_lr": problem.inner_lr, "inner_steps": horizon, "window": w},
                                   "multistep") for w in windows]
+    settings += [EstimatorSetting(f"cg J={j}", "cg", {"cg_iters": j, "cg_damping": 0.0, "cg_tol": 1e-6}, "cg")
+                 for j in ((10,) if quick else CG_ITERS)]
+    settings += [EstimatorSetting(f"neumann J={j}", "neumann", {"neumann_iters": j, "neumann_alpha": problem.inner_lr},
+                                  "neumann") for j in ((5,) if quick else NEUMANN_ITERS)]
+    settings.append(EstimatorSetting("sama (SGD)", "sama", {"inner_lr": problem.inner_lr, "fd_epsilon": 0.01}, "sama"))
     return settings
 
 
@@ -395,7 +405,7 @@ def estimate_once(setting: EstimatorSetting, instance: ProblemInstance, generato
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()) - base_mb
     estimate = [h.grad.detach().clone() for h in instance.hyperparams]
-    return estimate, seconds, max(0.0, peak)
+    return estimate, seconds, peak
 
 
 def run_problem(problem: StudyProblem, settings: Sequence[EstimatorSetting], draws: int, seed: int,
@@ -446,40 +456,143 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-FAMILY_STYLE = {"evograd": ("tab:green", "o"), "evograd sigma": ("tab:olive", "v"), "evograd tau": ("tab:cyan", "^"),
-                "one-step": ("tab:red", "s"), "unrolled": ("tab:blue", "D"), "multistep": ("tab:purple", "P")}
+FAMILY_STYLE = {  # family: (colour, marker, legend text); one style per estimator family
+    "evograd": ("tab:green", "o", "EvoGrad (K)"),
+    "evograd other path": ("tab:green", "x", "EvoGrad, other memory path"),
+    "evograd sigma": ("yellowgreen", "v", "EvoGrad K = 2, σ sweep"),
+    "evograd tau": ("mediumaquamarine", "^", "EvoGrad K = 2, τ sweep"),
+    "one-step": ("tab:red", "s", "one-step (second-order, torch.func, finite differences)"),
+    "unrolled": ("tab:blue", "D", "unrolled (T)"),
+    "multistep": ("tab:purple", "P", "multistep (T, W)"),
+    "cg": ("tab:orange", "*", "implicit: conjugate gradient (J)"),
+    "neumann": ("tab:brown", "h", "implicit: Neumann series (J)"),
+    "sama": ("black", "X", "SAMA (SGD)"),
+}
+SUMMARY_FAMILIES = ("evograd", "one-step", "unrolled", "multistep", "cg", "neumann", "sama")
+
+
+def short_label(label: str) -> str:
+    """A setting's label as printed beside its point: "EvoGrad K=2", "unrolled T=20", "cg J=10"."""
+    label = label.replace("evograd_low_memory", "EvoGrad").replace("evograd", "EvoGrad")
+    return label.replace("second_order_func", "torch.func").replace("second_order", "second-order")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, fidelity) that no other point beats on both: cheaper-or-equal
+    and at least as faithful, one of them strictly."""
+    front = []
+    for i, (cost, fid) in enumerate(points):
+        dominated = any((c <= cost and f >= fid) and (c < cost or f > fid) for j, (c, f) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _cost(row: dict, axis: str) -> float:
+    return 1e3 * row["seconds"] if axis == "time" else max(row["peak_mb"], 1e-2)
+
+
+def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None = None, label_size: float = 6.5) -> None:
+    """Mean cosine (± standard error) against cost; each family a line in order of cost; labels on the front."""
+    from matplotlib.ticker import NullFormatter
+    shown = [r for r in rows if families is None or r["family"] in families]
+    for family, (color, marker, text) in FAMILY_STYLE.items():
+        members = sorted((r for r in shown if r["family"] == family), key=lambda r: _cost(r, axis))
+        if not members:
+            continue
+        xs, ys = [_cost(r, axis) for r in members], [r["cosine"] for r in members]
+        sems = [r["cosine_std"] / math.sqrt(max(r["draws"], 1)) for r in members]
+        ax.errorbar(xs, ys, yerr=sems, color=color, marker=marker, ms=6 if marker != "*" else 9, lw=1.2,
+                    elinewidth=0.7, capsize=1.5, alpha=0.9, label=text, mec="white" if marker not in "xX" else color,
+                    mew=0.5)
+    points = [(_cost(r, axis), r["cosine"]) for r in shown]
+    logs = [math.log(x) for x, _ in points] or [0.0]
+    low, span = min(logs), max(max(logs) - min(logs), 1e-9)
+    for n, i in enumerate(sorted(pareto_front(points), key=lambda i: points[i][0])):
+        right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
+        ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, color="0.15",
+                    xytext=(-4 if right_side else 4, -10 if n % 2 == 0 or points[i][1] > 0.85 else 5), textcoords="offset points",
+                    ha="right" if right_side else "left", zorder=1.5,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(-1.05, 1.1)
+    ax.axhline(0, color="0.6", lw=0.6, zorder=0)
+    ax.set_xlabel("ms per hypergradient" if axis == "time" else "peak MB above start (one call)")
+    ax.grid(alpha=0.25)
+
+
+def _figure_legend(fig, axes, y: float) -> None:
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, h)
+    order = [style[2] for style in FAMILY_STYLE.values() if style[2] in handles]
+    fig.legend([handles[t] for t in order], order, loc="upper center", bbox_to_anchor=(0.5, y), ncol=3,
+               fontsize=8, frameon=False)
 
 
 def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Path]:
-    """One row of panels per problem: mean cosine (± standard error) against seconds and peak memory."""
-    from matplotlib.ticker import NullFormatter
+    """Every problem: cosine with the reference against time (left) and peak memory (right).
 
+    One colour and marker per estimator family, a family's settings joined in order of cost, text
+    labels only on the points of the Pareto front (nothing both cheaper and more faithful), one
+    legend for the figure.
+    """
     from common.plotting import plt, save_figure
-    fig, axes = plt.subplots(len(rows_by_problem), 2, figsize=(11, 3.6 * len(rows_by_problem)), squeeze=False)
+    n = len(rows_by_problem)
+    fig, axes = plt.subplots(n, 2, figsize=(11, 3.3 * n + 1.2), squeeze=False)
     for (name, rows), (ax_time, ax_mem) in zip(rows_by_problem.items(), axes):
-        for r in rows:
-            color, marker = FAMILY_STYLE.get(r["family"], ("k", "x"))
-            for ax, x in ((ax_time, 1e3 * r["seconds"]), (ax_mem, max(r["peak_mb"], 1e-3))):
-                sem = r["cosine_std"] / math.sqrt(r["draws"])
-                ax.errorbar(x, r["cosine"], yerr=sem, color=color, marker=marker, ms=5, capsize=2,
-                            alpha=0.8, label=r["family"])
-                short = r["label"].replace("evograd_low_memory", "lowmem").replace("evograd ", "")
-                ax.annotate(short.replace("multistep ", "ms ").replace("unrolled ", ""),
-                            (x, r["cosine"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         kind = rows[0]["hyper_kind"] if rows else ""
-        for ax, xlabel in ((ax_time, "ms per hypergradient"), (ax_mem, "peak MB above start")):
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_ylim(-1.1, 1.1)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("cosine with reference")
+        for ax, axis in ((ax_time, "time"), (ax_mem, "memory")):
+            _panel(ax, rows, axis)
             ax.set_title(f"{name} (λ on the {kind})", fontsize=9)
-            ax.grid(alpha=0.3)
-        handles, labels = ax_time.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax_time.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax_time.set_ylabel("cosine with reference")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / (3.3 * n + 1.2)))
+    _figure_legend(fig, axes.flatten(), 1.0)
     return save_figure(fig, stem)
+
+
+def summary_problems(rows_by_problem: dict[str, list[dict]]) -> dict[str, str]:
+    """One problem per kind of hyperparameter: the one where ``second_order`` takes longest (the
+    largest model of that kind), {kind: problem}."""
+    chosen: dict[str, tuple[float, str]] = {}
+    for name, rows in rows_by_problem.items():
+        ref = next((r for r in rows if r["label"] == "second_order"), rows[0] if rows else None)
+        if ref is None:
+            continue
+        kind = ref["hyper_kind"]
+        if kind not in chosen or ref["seconds"] > chosen[kind][0]:
+            chosen[kind] = (ref["seconds"], name)
+    order = ("loss", "input", "network")
+    return {k: chosen[k][1] for k in sorted(chosen, key=lambda k: order.index(k) if k in order else 9)}
+
+
+def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Path]:
+    """One row: cosine against time for one problem per kind of hyperparameter, main families only."""
+    from common.plotting import plt, save_figure
+    picks = summary_problems(rows_by_problem)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.9), squeeze=False)
+    for ax, (kind, name) in zip(axes[0], picks.items()):
+        _panel(ax, rows_by_problem[name], "time", SUMMARY_FAMILIES, label_size=6)
+        ax.set_title(f"λ on the {kind} ({name})", fontsize=9)
+    axes[0][0].set_ylabel("cosine with reference")
+    fig.tight_layout(rect=(0, 0, 1, 0.85))
+    _figure_legend(fig, axes[0], 1.0)
+    return save_figure(fig, stem)
+
+
+def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
+    """{problem: rows} from study.json files; a later file's problems replace an earlier file's."""
+    rows_by_problem: dict[str, list[dict]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise CLIError(f"--from-json: no such file {path}; give study.json files written by this module")
+        fresh: dict[str, list[dict]] = {}
+        for row in json.loads(Path(path).read_text())["rows"]:
+            fresh.setdefault(row["problem"], []).append(row)
+        rows_by_problem.update(fresh)
+    return rows_by_problem
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -489,10 +602,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting before the draws")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
+    parser.add_argument("--from-json", "--from_json", nargs="+", type=Path, metavar="STUDY_JSON",
+                        help="only redraw the figures into --out from these study.json files (a later file's "
+                             "problems replace an earlier file's)")
     add_common_args(parser, default_seeds=(0,), default_out="results/hypergrad_study")
     args = parser.parse_args(argv)
     if args.draws < 1 or args.warmup < 0 or args.threads < 1:
         raise CLIError("--draws and --threads must be >= 1 and --warmup >= 0")
+    if args.from_json:
+        rows_by_problem = load_rows(args.from_json)
+        out = Path(args.out)
+        figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
+        figures += plot_summary(rows_by_problem, out / "fidelity_vs_time_summary")
+        print(f"wrote {', '.join(map(str, figures))}")
+        return
     problems = discover_problems()
     if args.list:
         for p in problems.values():
@@ -531,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                            "argv": list(argv if argv is not None else sys.argv[1:])})
     (out / "study.md").write_text("\n".join(tables))
     figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
+    figures += plot_summary(rows_by_problem, out / "fidelity_vs_time_summary")
     print(f"wrote {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, figures))}")
 
 

@@ -9,6 +9,11 @@ Random tensors of CIFAR-10 shape (3x32x32, 10 classes) stand in for images: time
 not depend on the pixel values. Config 3 has the shapes of the README's MNIST protocol (1x32x32,
 ResNet-8 with 16 base channels, batch 100). A config's ``inner_steps``/``window`` apply to the
 T-step estimators (``unrolled``, ``multistep``); ``mwn_second_order`` is MWN's one-step unroll.
+The implicit estimators run as ``label_noise_mwn.train`` runs them: ``cg`` with J = 10, ``neumann``
+with J = 5 and α = the model's learning rate, ``sama`` with plain SGD at that learning rate (the
+momentum SGD of the model is not handed to the estimator).
+
+    python -m common.bench label_noise_mwn --config 3 --methods mwn_second_order mwn_evograd cg neumann sama
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     vnet = VNet().to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, 0.1, 0.9, True, 5e-4, 1e-3, 0.9, 5e-4)
     options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": 2, "sigma": 1e-3, "temperature": 0.05,
-               "noise": "sign", "generator": torch.Generator().manual_seed(1), **horizon_options(method, config)}
+               "noise": "sign", "generator": torch.Generator().manual_seed(1), "cg_iters": 10, "neumann_iters": 5,
+               **horizon_options(method, config)}
 
     def step() -> None:
         train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)

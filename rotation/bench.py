@@ -7,11 +7,15 @@ rotated by the angle, then the angle's hypergradient (EvoGrad or one unrolled SG
 the second-order step does not use K, it is rerun there only as the reference). ``evograd`` is the
 plain path (K candidate graphs alive until backward), ``evograd_low_memory`` keeps one at a time.
 Config 7 is the estimator study's end-to-end setting: with ``--methods`` naming any of the other
-estimators too (``finite_difference``, ``unrolled``, ``multistep``, ``second_order_func``), its
-``inner_steps`` = ``window`` = 5 applies to ``unrolled`` and ``multistep``; ``second_order`` stays
-the one-step unroll.
+estimators too (``finite_difference``, ``unrolled``, ``multistep``, ``second_order_func``, ``cg``,
+``neumann``, ``sama``), its ``inner_steps`` = ``window`` = 5 applies to ``unrolled`` and
+``multistep``; ``second_order`` stays the one-step unroll. ``cg`` and ``neumann`` run with their
+defaults (J = 10 and J = 5, Neumann α = the inner lr) and ``sama`` with plain SGD at the inner lr
+as its base optimiser, as ``rotation.train`` runs them (LeNet's own optimiser is Adam, which
+``rotation.train`` does not hand to the estimator).
 
     python -m common.bench rotation --config 7 --methods second_order evograd finite_difference multistep unrolled
+    python -m common.bench rotation --config 7 --methods second_order evograd cg neumann sama
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     x, val_x = torch.randn(2, batch, 1, 28, 28, device=device)
     y, val_y = torch.randint(0, 10, (2, batch), device=device)
     options = {"n_candidates": config.get("k", 2), "sigma": 1e-3, "temperature": 0.05, "noise": "sign",
-               "generator": torch.Generator().manual_seed(0), "inner_lr": 1e-3, "inner_steps": 1}
+               "generator": torch.Generator().manual_seed(0), "inner_lr": 1e-3, "inner_steps": 1,
+               "cg_iters": 10, "neumann_iters": 5}
     options.update(horizon_options(method, config))
 
     def step() -> None:

@@ -259,5 +259,97 @@ def test_estimator_cli_flags():
     parser.add_argument("--inner_lr", type=float, default=0.7)  # an experiment's own flag is kept
     add_estimator_args(parser, inner_lr=0.1, inner_steps=3)
     args = parser.parse_args(["--window", "2"])
-    assert estimator_options(args) == {"fd_epsilon": 0.01, "inner_lr": 0.7, "inner_steps": 3, "window": 2}
+    assert estimator_options(args) == {"fd_epsilon": 0.01, "inner_lr": 0.7, "inner_steps": 3, "window": 2,
+                                       "cg_iters": 10, "cg_damping": 0.0, "cg_tol": 1e-6, "neumann_iters": 5}
     assert "window" not in estimator_options(parser.parse_args([]))
+    assert "neumann_alpha" not in estimator_options(args)  # None: meta_backward falls back to inner_lr
+    args = parser.parse_args(["--cg_iters", "4", "--cg_damping", "0.5", "--neumann_alpha", "0.2", "--cg_tol", "0"])
+    assert {k: estimator_options(args)[k] for k in ("cg_iters", "cg_damping", "neumann_alpha", "cg_tol")} == {
+        "cg_iters": 4, "cg_damping": 0.5, "neumann_alpha": 0.2, "cg_tol": 0.0}
+    for bad in (["--cg_iters", "0"], ["--cg_damping", "-1"], ["--neumann_alpha", "0"], ["--neumann_iters", "-2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+# ----------------------------------------------------------------------------- L_val depending on λ directly
+
+CURV, TARGET, GAMMA = 2.0, 0.5, 0.8  # L_train = a(θ − λ)²/2, L_val = (θ − c)²/2 + γλθ
+
+
+def direct_instance(theta: float, lam: float) -> ProblemInstance:
+    """A 1-D problem whose validation loss depends on λ directly: ∂_λ L_val = γθ, ∇_θ L_val = θ − c + γλ."""
+    lam_t = torch.tensor([lam], dtype=F64, requires_grad=True)
+    return ProblemInstance({"theta": torch.tensor([theta], dtype=F64)}, [lam_t],
+                           lambda p: (CURV * (p["theta"] - lam_t) ** 2 / 2).sum(),
+                           lambda p: ((p["theta"] - TARGET) ** 2 / 2 + GAMMA * lam_t * p["theta"]).sum(), [])
+
+
+def direct_unrolled(theta: float, lam: float, step: float, n_steps: int) -> float:
+    """n SGD steps of size ``step``: θ_n = λ + rⁿ(θ − λ), dθ_n/dλ = 1 − rⁿ, r = 1 − a·step; then
+    dL_val(θ_n, λ)/dλ = γθ_n + (θ_n − c + γλ)(1 − rⁿ)."""
+    r = 1 - CURV * step
+    theta_n = lam + r**n_steps * (theta - lam)
+    return GAMMA * theta_n + (theta_n - TARGET + GAMMA * lam) * (1 - r**n_steps)
+
+
+def direct_evograd(theta: float, lam: float, eps: torch.Tensor, tau: float) -> float:
+    """EvoGrad by hand: θ* = θ + Σ w_k ε_k, dL/dλ = γθ* + (θ* − c + γλ) Σ_k ε_k dw_k/dλ."""
+    losses = CURV * (theta + eps[:, 0] - lam) ** 2 / 2
+    dlosses = -CURV * (theta + eps[:, 0] - lam)          # ∂ℓ_k/∂λ
+    w = torch.softmax(-losses / tau, 0)
+    dw = -(w / tau) * (dlosses - (w * dlosses).sum())
+    merged = theta + (w * eps[:, 0]).sum()
+    return (GAMMA * merged + (merged - TARGET + GAMMA * lam) * (eps[:, 0] * dw).sum()).item()
+
+
+DIRECT_CASES = {  # method: (options, closed form at θ, λ)
+    "second_order": ({"inner_lr": ETA}, lambda t, l: direct_unrolled(t, l, ETA, 1)),
+    "second_order_func": ({"inner_lr": ETA}, lambda t, l: direct_unrolled(t, l, ETA, 1)),
+    "finite_difference": ({"inner_lr": ETA}, lambda t, l: direct_unrolled(t, l, ETA, 1)),
+    "unrolled": ({"inner_lr": ETA, "inner_steps": 4}, lambda t, l: direct_unrolled(t, l, ETA, 4)),
+    "multistep": ({"inner_lr": 0.1, "inner_steps": 6, "window": 2}, lambda t, l: direct_unrolled(t, l, 0.2, 3)),
+    "cg": ({"cg_iters": 3}, lambda t, l: GAMMA * t + (t - TARGET + GAMMA * l)),
+    "neumann": ({"neumann_iters": 3, "neumann_alpha": 0.2},
+                lambda t, l: GAMMA * t + (1 - (1 - 0.2 * CURV) ** 4) * (t - TARGET + GAMMA * l)),
+    "sama": ({"inner_lr": ETA}, lambda t, l: GAMMA * t + ETA * CURV * (t - TARGET + GAMMA * l)),
+    "evograd": ({}, None),
+    "evograd_low_memory": ({}, None),
+}
+
+
+def test_direct_cases_cover_every_estimator():
+    assert set(DIRECT_CASES) == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("method", sorted(DIRECT_CASES))
+@pytest.mark.parametrize("theta,lam", [(1.3, -0.4), (-0.6, 0.9)])
+def test_validation_loss_depending_on_lambda_directly(method, theta, lam):
+    """Every estimator keeps the direct term ∂L_val/∂λ (here a sizeable part of the answer)."""
+    options, closed_form = DIRECT_CASES[method]
+    if closed_form is None:  # EvoGrad: the same noise by hand
+        sigma, tau, k = 0.05, 0.02, 3
+        options = {"n_candidates": k, "sigma": sigma, "temperature": tau, "noise": "gaussian",
+                   "generator": torch.Generator().manual_seed(5)}
+        want = direct_evograd(theta, lam, evograd_noise(k, sigma, "gaussian", 5, 1), tau)
+    else:
+        want = closed_form(theta, lam)
+    got = estimate(method, direct_instance(theta, lam), **options).item()
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_finite_difference_step_has_norm_fd_epsilon():
+    """θ ± ε v with ε = fd_epsilon/‖v‖: pinned by the central difference written out with that step."""
+    theta, lam, eta, delta = THETA0, LAM, ETA, 0.5  # a large step, so its size shows in the result
+    inst = one_d_instance(theta, lam)
+    got = estimate("finite_difference", inst, inner_lr=eta, fd_epsilon=delta).item()
+    virtual = theta - eta * one_d_f_prime(torch.tensor(theta - lam, dtype=F64))
+    v = one_d_f_prime(virtual - ONE_D_TARGET)                    # ∇L_val(θ'), here negative or positive
+    x, shift = torch.tensor(theta - lam, dtype=F64), delta * torch.sign(v)
+    # ∇_λ L_train(θ) = −f'(θ − λ); difference over 2ε = 2δ/|v|
+    mixed = (-one_d_f_prime(x + shift) + one_d_f_prime(x - shift)) * v.abs() / (2 * delta)
+    assert got == pytest.approx(-eta * mixed.item(), rel=1e-12)
+    scaled = ProblemInstance(inst.params, inst.hyperparams, inst.train_loss_fn,
+                             lambda p: 1000 * inst.val_loss_fn(p), [])
+    # the step does not grow with ‖v‖, so the estimate is linear in L_val
+    assert estimate("finite_difference", scaled, inner_lr=eta, fd_epsilon=delta).item() == pytest.approx(1000 * got,
+                                                                                                        rel=1e-10)
