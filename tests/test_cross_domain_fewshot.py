@@ -324,6 +324,11 @@ def test_aux_head_is_three_layer_mlp_with_the_authors_schedule():
     loss = trainer.aux_loss(images, labels)
     assert torch.isfinite(loss) and model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    # in a step it comes before the episode pass (which updates the running statistics)
+    out = trainer.step(torch.randn(2, 3, 3, 16, 16), torch.randn(2, 3, 3, 16, 16), 1, (images, labels), 0.5)
+    assert out["aux_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     trainer.aux_mode = "train"
     trainer.aux_loss(images, labels)
     assert not all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
@@ -353,7 +358,7 @@ def test_meta_step_is_taken_at_the_updated_theta_for_evograd_by_default(method, 
     assert resolve_meta_order("lft_evograd_plain") == "after" and resolve_meta_order("lft_finite_difference") == "before"
 
 
-def test_eval_defaults_to_the_final_model_and_15_queries(tmp_path):
+def test_eval_defaults_to_the_final_model_and_15_queries(tmp_path, tiny_root):
     from cross_domain_fewshot.train import build_parser
     defaults = build_parser().parse_args([])
     assert (defaults.test_queries, defaults.test_checkpoint, defaults.n_query) == (15, "final", 16)
@@ -367,7 +372,12 @@ def test_eval_defaults_to_the_final_model_and_15_queries(tmp_path):
     state = {"config": cfg, "model": final.state_dict(), "best_model": best}
     assert all(torch.equal(v, final.state_dict()[k]) for k, v in model_from_checkpoint(state).state_dict().items())
     assert all(torch.equal(v, best[k]) for k, v in model_from_checkpoint(state, "best_val").state_dict().items())
-    root = write_embedded_dataset(tmp_path / "data", image_size=20, classes_per_split=(5, 5, 5), images_per_class=16)
+    novel = read_file_list(tiny_root / "cub" / "novel.json")  # 8 images per class: list each twice
+    (tmp_path / "cub").mkdir()
+    (tmp_path / "cub" / "novel.json").write_text(json.dumps({
+        "label_names": novel.label_names, "image_names": [str(p) for p in novel.image_paths] * 2,
+        "image_labels": list(novel.labels) * 2}))
+    root = tmp_path
     shapes = []
     model = model_from_checkpoint(state)
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
