@@ -261,7 +261,7 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     acc, ci95 = evaluate_on_domain(model, cfg["resolved_data_root"], cfg["testset"], cfg, cfg["test_episodes"],
                                    seed + 2, cache=cfg["data_root"] is None, n_query=cfg["test_queries"])
     history = state["history"]
-    metrics = {"test_acc": acc, "test_ci95": ci95, "test_checkpoint": cfg["test_checkpoint"],
+    metrics = {"test_acc": acc, "test_ci95": ci95,
                "final_val_acc": history[-1]["val_acc"], "best_val_acc": state["best_val"],
                "final_model_loss": history[-1]["model_loss"], **fwt_scales(model),
                "val_acc_curve": [h["val_acc"] for h in history],

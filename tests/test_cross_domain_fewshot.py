@@ -437,7 +437,7 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
             assert 0 <= r["metrics"]["test_acc"] <= 100 and r["metrics"]["test_ci95"] >= 0
             assert len(r["metrics"]["val_acc_curve"]) == 2
             assert r["setting"] == "real unseen=cub ResNet10 relationnet_softmax 5-way 1-shot"
-            assert r["metrics"]["test_checkpoint"] == "final" and r["config"]["test_queries"] == 2
+            assert r["config"]["test_checkpoint"] == "final" and r["config"]["test_queries"] == 2
             assert r["config"]["fwt_noise"] == "independent" and r["config"]["aux_loss"] == "mlp"
             assert r["config"]["resolved_meta_order"] == ("after" if r["method"] == "lft_evograd" else "before")
     assert (out / "figures" / "cross_domain_fewshot_cub_seed3.png").is_file()
