@@ -99,8 +99,9 @@ class LFTTrainer:
         lr: Adam learning rate of θ; also σ of EvoGrad and η of the second-order virtual step.
         fwt_lr, fwt_weight_decay: Adam settings of λ.
         n_candidates, temperature: EvoGrad's K and τ.
-        generator: seeds EvoGrad's perturbations; the FWT noise seeds come from a second generator
-            seeded from it, so that every method sees the same FWT noise sequence.
+        generator: seeds EvoGrad's perturbations; the FWT noise seeds of the model steps come from a
+            second generator seeded from it, so that every method sees the same model-step noise
+            sequence, and those of EvoGrad's candidates (under "independent") from a third.
         aux_classifier: optional head over average-pooled backbone features (pretraining
             classes), trained with θ.
         fwt_noise: "independent" (a fresh draw for the model step and each EvoGrad candidate) or
@@ -126,6 +127,7 @@ class LFTTrainer:
         self.aux_classifier = aux_classifier
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.fwt_generator = torch.Generator().manual_seed(self.generator.initial_seed() + 1)
+        self.candidate_fwt_generator = torch.Generator().manual_seed(self.generator.initial_seed() + 2)
         model_params = [p for n, p in model.named_parameters() if not is_fwt_param(n)]
         if aux_classifier is not None:
             model_params += list(aux_classifier.parameters())
@@ -136,9 +138,9 @@ class LFTTrainer:
                                  generator=self.generator, inner_lr=lr, inner_steps=1)
         self.steps = 0
 
-    def next_fwt_seed(self) -> int:
-        """The seed of the next FWT draw (from the trainer's own generator: repeatable, resumable)."""
-        return int(torch.randint(0, 2**31 - 1, (), generator=self.fwt_generator))
+    def next_fwt_seed(self, generator: torch.Generator | None = None) -> int:
+        """The seed of the next FWT draw from ``generator`` (the model steps' one by default)."""
+        return int(torch.randint(0, 2**31 - 1, (), generator=self.fwt_generator if generator is None else generator))
 
     def aux_loss(self, images: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy of the auxiliary classifier on average-pooled backbone features, FWT off."""
@@ -187,7 +189,8 @@ class LFTTrainer:
         train_losses: list[float] = []
 
         def train_loss(p: dict[str, Tensor]) -> Tensor:
-            with feature_transform(model, True, self.next_fwt_seed() if fresh_draws else model_step_seed):
+            seed = self.next_fwt_seed(self.candidate_fwt_generator) if fresh_draws else model_step_seed
+            with feature_transform(model, True, seed):
                 loss = episode_loss(model, p, seen, n_shot)
             train_losses.append(loss.item())
             return loss
@@ -207,13 +210,15 @@ class LFTTrainer:
     def state_dict(self) -> dict:
         return {"model_optim": self.model_optim.state_dict(), "fwt_optim": self.fwt_optim.state_dict(),
                 "generator": self.generator.get_state(), "fwt_generator": self.fwt_generator.get_state(),
-                "steps": self.steps}
+                "candidate_fwt_generator": self.candidate_fwt_generator.get_state(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.model_optim.load_state_dict(state["model_optim"])
         self.fwt_optim.load_state_dict(state["fwt_optim"])
         self.generator.set_state(state["generator"])
         self.fwt_generator.set_state(state["fwt_generator"])
+        if "candidate_fwt_generator" in state:  # older checkpoints lack it
+            self.candidate_fwt_generator.set_state(state["candidate_fwt_generator"])
         self.steps = state["steps"]
 
 

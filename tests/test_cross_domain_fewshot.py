@@ -237,7 +237,7 @@ def test_evograd_candidates_draw_their_own_fwt_noise_by_default():
     assert len(independent) == 3 and None not in independent and len(set(independent)) == 3
     shared = _fwt_seeds_of_one_step("lft_evograd", fwt_noise="shared")
     assert len(shared) == 3 and len(set(shared)) == 1
-    assert independent[0] == shared[0]  # the model step's draw is the same sequence either way
+    assert independent[0] == shared[0]  # the model step's draw is the same either way
     # the second-order virtual step reuses the model step's forward pass (one draw) in the authors' code
     assert len(set(_fwt_seeds_of_one_step("lft_second_order"))) == 1
     # the layer turns different seeds into different noise
