@@ -14,8 +14,9 @@ BatchNorm (as in the LFT code). In training mode with FWT on, the normalised fea
 with one noise draw per channel (shared by all images and positions of the forward pass),
 θ_γ = 0.3 and θ_β = 0.5 at initialisation, softplus with β = 100 (≈ identity for positive θ).
 FWT is switched on and off per forward pass with ``feature_transform(model, enabled, seed)``; a
-seed makes the noise reproducible, so that EvoGrad's candidates and the second-order virtual step
-see the same feature transformation (common random numbers) and differ only by their weights.
+seed makes the noise of a forward pass reproducible. ``cross_domain_fewshot.lft`` chooses the seeds:
+a fresh one for every EvoGrad candidate (the LFT/EvoGrad code draws new noise in every forward
+pass), or one per iteration shared by all passes (common random numbers).
 """
 from __future__ import annotations
 
@@ -146,30 +147,60 @@ class ResNetBackbone(nn.Module):
         return side
 
 
+RELATION_BN = ("batch", "running")
+RELATION_INIT = ("fan_out", "pytorch")
+
+
 class RelationModule(nn.Module):
     """g(concat(support map, query map)) -> relation score; two conv blocks and two linear layers.
 
     As in RelationNet for ResNets (Chen et al.): padding 1 when the map is smaller than 10×10;
     a 2×2 max-pool per block, skipped where the map is already 1×1 (small images in quick runs).
+
+    Args:
+        channels, side: channels and side of one backbone feature map.
+        hidden: units of the first linear layer (8).
+        bn: "batch": the BatchNorm layers normalise with the statistics of the current batch of
+            pairs in training and in eval mode and keep no running statistics (the LFT/EvoGrad
+            code, ``track_running_stats=False``); "running": PyTorch's default BatchNorm (running
+            statistics, used in eval mode).
+        init: "fan_out": conv weights ~ N(0, 2 / (k·k·out_channels)) (the few-shot code's
+            ``init_layer``; BatchNorm γ = 1, β = 0; linear layers and conv biases PyTorch's
+            default); "pytorch": PyTorch's default initialisation everywhere.
     """
 
-    def __init__(self, channels: int, side: int, hidden: int = 8) -> None:
+    def __init__(self, channels: int, side: int, hidden: int = 8, bn: str = "batch", init: str = "fan_out") -> None:
         super().__init__()
+        if bn not in RELATION_BN:
+            raise ValueError(f"unknown relation-module BatchNorm {bn!r}; choose from {RELATION_BN}")
+        if init not in RELATION_INIT:
+            raise ValueError(f"unknown relation-module init {init!r}; choose from {RELATION_INIT}")
         padding = 1 if side < 10 else 0
         layers = []
         for in_channels in (2 * channels, channels):
             side = side + 2 * padding - 2
-            layers += [nn.Conv2d(in_channels, channels, 3, padding=padding), nn.BatchNorm2d(channels),
-                       nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(in_channels, channels, 3, padding=padding),
+                       nn.BatchNorm2d(channels, track_running_stats=bn == "running"), nn.ReLU(inplace=True)]
             if side >= 2:
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
         self.convs = nn.Sequential(*layers)
         self.fc1 = nn.Linear(channels * side * side, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        if init == "fan_out":
+            for m in self.convs:
+                if isinstance(m, nn.Conv2d):  # std = sqrt(2 / fan_out), fan_out = k·k·out_channels
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, pairs: Tensor) -> Tensor:
         return self.fc2(F.relu(self.fc1(self.convs(pairs).flatten(1))))
+
+
+def mlp_classifier(in_features: int, n_classes: int) -> nn.Sequential:
+    """Three-layer MLP head, in → in → in → n_classes with ReLUs (the LFT code's auxiliary classifier)."""
+    return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
+                         nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
+                         nn.Linear(in_features, n_classes))
 
 
 class FewShotModel(nn.Module):
@@ -182,12 +213,14 @@ class FewShotModel(nn.Module):
     the class means of the pooled features).
     """
 
-    def __init__(self, backbone: ResNetBackbone, head: str, image_size: int, relation_hidden: int = 8) -> None:
+    def __init__(self, backbone: ResNetBackbone, head: str, image_size: int, relation_hidden: int = 8,
+                 relation_bn: str = "batch", relation_init: str = "fan_out") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         if head == "relationnet_softmax":
-            self.relation = RelationModule(backbone.out_channels, backbone.feature_size(image_size), relation_hidden)
+            self.relation = RelationModule(backbone.out_channels, backbone.feature_size(image_size), relation_hidden,
+                                           relation_bn, relation_init)
         elif head != "protonet":
             raise ValueError(f"unknown head {head!r}; choose relationnet_softmax or protonet")
 
@@ -213,6 +246,8 @@ def episode_labels(n_way: int, n_query: int, device: torch.device | str = "cpu")
     return torch.arange(n_way, device=device).repeat_interleave(n_query)
 
 
-def build_model(backbone: str, head: str, image_size: int, width: int = 64) -> FewShotModel:
+def build_model(backbone: str, head: str, image_size: int, width: int = 64, relation_bn: str = "batch",
+                relation_init: str = "fan_out") -> FewShotModel:
     """A ``FewShotModel`` with a fresh ``ResNetBackbone``; see the class docs for the options."""
-    return FewShotModel(ResNetBackbone(backbone, width), head, image_size)
+    return FewShotModel(ResNetBackbone(backbone, width), head, image_size, relation_bn=relation_bn,
+                        relation_init=relation_init)

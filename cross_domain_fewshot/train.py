@@ -6,8 +6,13 @@ Stages (``--stage all`` runs them in order, for every method in ``--methods``):
   train     multi-domain leave-one-out: ``--testset`` is the unseen domain, the other four are
             seen; every epoch picks a pseudo-seen and a pseudo-unseen domain among them, every
             iteration takes one episode of each (see ``cross_domain_fewshot/lft.py``); validation
-            on miniImagenet's val split each epoch keeps the best model; checkpoint per epoch;
-  eval      ``--test-episodes`` episodes of the unseen domain's novel split: accuracy ± 95% CI.
+            on miniImagenet's val split each epoch records the best model; checkpoint per epoch;
+  eval      ``--test-episodes`` episodes of the unseen domain's novel split with ``--test-queries``
+            queries per class, of the final model (or ``--test-checkpoint best_val``): accuracy ± 95% CI.
+
+The defaults follow the authors' code (``ondrejbohdal/evograd``, ``CrossDomainFewShotLearning/``);
+``--fwt-noise``, ``--meta-order``, ``--aux-loss``, ``--relation-bn``, ``--relation-init``,
+``--test-queries`` and ``--test-checkpoint`` select the alternatives (see the README).
 
     python -m cross_domain_fewshot.train --quick --out results/cross_domain_fewshot
     python -m cross_domain_fewshot.train --data-root filelists --testset cub --backbone ResNet34
@@ -33,8 +38,10 @@ from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_arg
 from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
                                        domain_file_list, write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
-from cross_domain_fewshot.lft import METHODS, PAPER_METHODS, LFTTrainer, evaluate, fwt_scales
-from cross_domain_fewshot.models import BLOCKS_PER_STAGE, ResNetBackbone, build_model
+from cross_domain_fewshot.lft import (AUX_LOSSES, FWT_NOISE, META_ORDERS, METHODS, PAPER_METHODS, LFTTrainer,
+                                      aux_weight_at, evaluate, fwt_scales, resolve_meta_order)
+from cross_domain_fewshot.models import (BLOCKS_PER_STAGE, RELATION_BN, RELATION_INIT, ResNetBackbone, build_model,
+                                         mlp_classifier)
 
 EXPERIMENT = "cross_domain_fewshot"
 PRETRAIN_DOMAIN = "miniImagenet"  # pretraining classes, validation domain; always seen
@@ -68,11 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fwt-weight-decay", type=float, default=1e-8, help="Adam weight decay of the FWT parameters")
     parser.add_argument("--n-candidates", type=positive(int), default=2, help="EvoGrad candidates K")
     parser.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature tau")
+    parser.add_argument("--fwt-noise", default="independent", choices=FWT_NOISE,
+                        help="independent: fresh FWT noise for the model step and every EvoGrad candidate "
+                             "(authors'); shared: one draw per iteration for every pass")
+    parser.add_argument("--meta-order", default="auto", choices=META_ORDERS,
+                        help="auto: EvoGrad takes the meta step at θ after the model step, the other methods "
+                             "at θ before it (authors' two files); before / after: force one for every method")
+    parser.add_argument("--aux-loss", default="mlp", choices=AUX_LOSSES,
+                        help="mlp: random-init 3-layer MLP head, eval mode, weight 0.9^(20*epoch//epochs) "
+                             "(authors'); pretrained_linear: the pretraining linear head, train mode, "
+                             "weight 1 - epoch/epochs")
     parser.add_argument("--aux-weight", type=float, default=1.0,
-                        help="weight of the auxiliary pretraining-class loss, decayed linearly to 0 over training")
+                        help="scale of the auxiliary pretraining-class loss's scheduled weight (0: no auxiliary loss)")
     parser.add_argument("--aux-batch", type=positive(int), default=16, help="images per auxiliary batch")
+    parser.add_argument("--relation-bn", default="batch", choices=RELATION_BN,
+                        help="relation-module BatchNorm: batch statistics always (authors') or running statistics")
+    parser.add_argument("--relation-init", default="fan_out", choices=RELATION_INIT,
+                        help="relation-module conv init: N(0, 2/(k*k*out)) (authors') or PyTorch's default")
     parser.add_argument("--val-episodes", type=positive(int), default=100, help="miniImagenet val episodes per epoch")
     parser.add_argument("--test-episodes", type=positive(int), default=1000, help="unseen-domain test episodes")
+    parser.add_argument("--test-queries", type=positive(int), default=15, help="query images per class at test time")
+    parser.add_argument("--test-checkpoint", default="final", choices=["final", "best_val"],
+                        help="model tested: the last epoch's (authors') or the best by miniImagenet val accuracy")
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
@@ -118,6 +142,16 @@ def sampler_for(cfg: dict, domain: str, split: str, augment: bool) -> EpisodeSam
     source = ImageSource(domain_file_list(cfg["resolved_data_root"], domain, split),
                          ImageTransform(cfg["image_size"], augment), cache=cfg["data_root"] is None)
     return EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["n_query"])
+
+
+def check_test_split(cfg: dict) -> None:
+    """Stop before any work if the unseen domain's novel split cannot give the test episodes."""
+    source = ImageSource(domain_file_list(cfg["resolved_data_root"], cfg["testset"], "novel"),
+                         ImageTransform(cfg["image_size"], False))
+    try:
+        EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["test_queries"])
+    except DataError as err:
+        raise DataError(f"{err} (lower --test-queries)") from None
 
 
 class PretrainNet(nn.Module):
@@ -173,18 +207,27 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
 def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretrain_ckpt: Path, ckpt: Path,
                  resume: bool) -> None:
     """Stage 2: LFT (or baseline) meta-training of one method; checkpoint per epoch, best model by val."""
-    model = build_model(cfg["backbone"], cfg["head"], cfg["image_size"], cfg["width"]).to(device)
+    model = build_model(cfg["backbone"], cfg["head"], cfg["image_size"], cfg["width"], cfg["relation_bn"],
+                        cfg["relation_init"]).to(device)
     if not pretrain_ckpt.is_file():
         raise CLIError(f"no pretrained backbone at {pretrain_ckpt}; run --stage pretrain (or all) first")
     pretrained = load_checkpoint(pretrain_ckpt, device)["model"]
     model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained.items() if k.startswith("backbone.")})
-    aux_classifier = nn.Linear(model.backbone.out_channels, pretrained["classifier.weight"].shape[0]).to(device)
-    aux_classifier.load_state_dict({k[len("classifier."):]: v for k, v in pretrained.items() if k.startswith("classifier.")})
+    n_aux_classes = pretrained["classifier.weight"].shape[0]  # miniImagenet base classes (64 on the real data)
+    if cfg["aux_loss"] == "mlp":  # random initialisation, as in the LFT code
+        aux_classifier = mlp_classifier(model.backbone.out_channels, n_aux_classes).to(device)
+    else:
+        aux_classifier = nn.Linear(model.backbone.out_channels, n_aux_classes).to(device)
+        aux_classifier.load_state_dict({k[len("classifier."):]: v for k, v in pretrained.items()
+                                        if k.startswith("classifier.")})
     trainer = LFTTrainer(model, method, cfg["lr"], cfg["fwt_lr"], cfg["fwt_weight_decay"], cfg["n_candidates"],
-                         cfg["temperature"], torch.Generator().manual_seed(seed + 1), aux_classifier)
+                         cfg["temperature"], torch.Generator().manual_seed(seed + 1), aux_classifier,
+                         fwt_noise=cfg["fwt_noise"], meta_order=cfg["meta_order"],
+                         aux_mode="eval" if cfg["aux_loss"] == "mlp" else "train")
+    run_cfg = {**cfg, "method": method, "resolved_meta_order": trainer.meta_order}
     data_gen = torch.Generator().manual_seed(seed)
     start, history, best_val, best_model = 0, [], -1.0, None
-    state = resume_checkpoint(ckpt, {**cfg, "method": method}, device, RESUME_MAY_CHANGE) if resume else None
+    state = resume_checkpoint(ckpt, run_cfg, device, RESUME_MAY_CHANGE) if resume else None
     if state is not None:
         restore_states(state, {"model": model, "aux_classifier": aux_classifier, "trainer": trainer}, ckpt)
         data_gen.set_state(state["data_generator"])
@@ -202,7 +245,7 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     for epoch in progress(range(start, cfg["epochs"]), desc=method):
         pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
         pseudo_seen, pseudo_unseen = samplers[seen[pair[0]]], samplers[seen[pair[1]]]
-        aux_weight = cfg["aux_weight"] * (1 - epoch / cfg["epochs"])
+        aux_weight = aux_weight_at(epoch, cfg["epochs"], cfg["aux_loss"], cfg["aux_weight"])
         sums: dict[str, float] = {}
         for _ in range(cfg["episodes_per_epoch"]):
             seen_ep = pseudo_seen.sample(data_gen).images.to(device)
@@ -222,7 +265,7 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
         save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
                                "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
                                "epoch": epoch + 1, "history": history, "best_val": best_val,
-                               "best_model": best_model, "efficiency": note_resume(meter.summary(), start)}, {**cfg, "method": method})
+                               "best_model": best_model, "efficiency": note_resume(meter.summary(), start)}, run_cfg)
 
 
 def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: Path) -> dict:
@@ -230,18 +273,22 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     if not ckpt.is_file():
         raise CLIError(f"no trained model at {ckpt}; run --stage train (or all) for {method} first")
     state = load_checkpoint(ckpt, device)
-    model = model_from_checkpoint(state).to(device)
+    model = model_from_checkpoint(state, cfg["test_checkpoint"]).to(device)
     acc, ci95 = evaluate_on_domain(model, cfg["resolved_data_root"], cfg["testset"], cfg, cfg["test_episodes"],
-                                   seed + 2, cache=cfg["data_root"] is None)
+                                   seed + 2, cache=cfg["data_root"] is None, n_query=cfg["test_queries"])
     history = state["history"]
-    metrics = {"test_acc": acc, "test_ci95": ci95, "best_val_acc": state["best_val"],
+    metrics = {"test_acc": acc, "test_ci95": ci95,
+               "final_val_acc": history[-1]["val_acc"], "best_val_acc": state["best_val"],
                "final_model_loss": history[-1]["model_loss"], **fwt_scales(model),
                "val_acc_curve": [h["val_acc"] for h in history],
                "model_loss_curve": [h["model_loss"] for h in history],
                "fwt_gamma_scale_curve": [h["fwt_gamma_scale"] for h in history]}
     if "meta_loss" in history[-1]:
         metrics["final_meta_loss"] = history[-1]["meta_loss"]
-    write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed, config={**cfg, "method": method},
+    if "candidate_loss_spread" in history[-1]:  # mean |ℓ_max − ℓ_min| of EvoGrad's candidates over training
+        metrics["mean_candidate_loss_spread"] = sum(h["candidate_loss_spread"] for h in history) / len(history)
+    write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed,
+                  config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"])},
                   setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"], limits=LIMITS)
     print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
           f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")
@@ -276,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     finished = finished_runs([path for (method, _), path in result_of.items()
                               if (run_stage("pretrain") if method == PRETRAIN_METHOD else args.stage != "pretrain")],
                              args.resume, args.overwrite)
+    if run_stage("eval"):
+        check_test_split(cfg)
     for seed in seeds_of(args):
         seed_everything(seed)
         tag = f"{args.backbone}_w{args.width}_{args.image_size}px_{'embedded' if args.data_root is None else 'real'}"

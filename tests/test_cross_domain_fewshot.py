@@ -11,9 +11,11 @@ import torch
 from common.runtime import DataError
 from cross_domain_fewshot.data import (DOMAINS, EpisodeSampler, ImageSource, ImageTransform, load_image,
                                        read_file_list, write_embedded_dataset)
-from cross_domain_fewshot.lft import METHODS, LFTTrainer, episode_loss
-from cross_domain_fewshot.models import (FeatureWiseBatchNorm2d, ResNetBackbone, build_model, feature_transform,
-                                         is_fwt_param)
+from cross_domain_fewshot import lft
+from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
+from cross_domain_fewshot.lft import METHODS, LFTTrainer, aux_weight_at, episode_loss, resolve_meta_order
+from cross_domain_fewshot.models import (FeatureWiseBatchNorm2d, RelationModule, ResNetBackbone, build_model,
+                                         feature_transform, is_fwt_param, mlp_classifier)
 
 TINY = dict(image_size=40, classes_per_split=(6, 5, 5), images_per_class=8)
 
@@ -168,7 +170,8 @@ def test_meta_methods_give_fwt_hypergradients_and_update_both(method):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen, unseen = torch.randn(3, 4, 3, 32, 32), torch.randn(3, 4, 3, 32, 32)
     out = trainer.step(seen, unseen, n_shot=1)
-    assert set(out) == {"model_loss", "aux_loss", "meta_loss"}
+    spread = {"candidate_loss_spread"} if method == "lft_evograd" else set()
+    assert set(out) == {"model_loss", "aux_loss", "meta_loss"} | spread
     grads = [p.grad for p in trainer.fwt_params]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
@@ -214,6 +217,174 @@ def test_second_order_hypergradient_matches_finite_differences():
     assert abs(analytic) > 1e-8
 
 
+# ------------------------------------------------------------------ defaults that follow the authors' code
+
+def _fwt_seeds_of_one_step(method, **options):
+    """The FWT seeds of every training-mode pass with FWT on during one meta-iteration."""
+    torch.manual_seed(0)
+    model = build_model("ResNet10", "relationnet_softmax", 16, width=4)
+    trainer = LFTTrainer(model, method, generator=torch.Generator().manual_seed(0), **options)
+    seeds = []
+    first_fwt = next(m for m in model.modules() if isinstance(m, FeatureWiseBatchNorm2d))
+    first_fwt.register_forward_pre_hook(lambda m, _: seeds.append(m.fwt_seed) if m.fwt_enabled and m.training else None)
+    trainer.step(torch.randn(2, 3, 3, 16, 16), torch.randn(2, 3, 3, 16, 16), n_shot=1)
+    return seeds
+
+
+def test_evograd_candidates_draw_their_own_fwt_noise_by_default():
+    """Default: model step and each of the K = 2 candidates get their own draw; shared: one draw."""
+    independent = _fwt_seeds_of_one_step("lft_evograd")
+    assert len(independent) == 3 and None not in independent and len(set(independent)) == 3
+    shared = _fwt_seeds_of_one_step("lft_evograd", fwt_noise="shared")
+    assert len(shared) == 3 and len(set(shared)) == 1
+    assert independent[0] == shared[0]  # the model step's draw is the same either way
+    # the second-order virtual step reuses the model step's forward pass (one draw) in the authors' code
+    assert len(set(_fwt_seeds_of_one_step("lft_second_order"))) == 1
+    # the layer turns different seeds into different noise
+    layer = FeatureWiseBatchNorm2d(4)
+    x = torch.randn(3, 4, 2, 2)
+    outs = []
+    for seed in independent[1:]:
+        with feature_transform(layer, True, seed):
+            outs.append(layer(x))
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_independent_fwt_noise_is_repeatable_and_the_same_in_both_evograd_paths():
+    """Seeded noise repeats; the low-memory path evaluates each candidate once with the plain path's draw."""
+    def fwt_grads(method):
+        torch.manual_seed(0)
+        model = build_model("ResNet10", "relationnet_softmax", 16, width=4).double()
+        trainer = LFTTrainer(model, method, generator=torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(1)
+        seen, unseen = (torch.randn(2, 3, 3, 16, 16, generator=gen).double() for _ in range(2))
+        calls = []
+        original = lft.episode_loss
+        lft.episode_loss = lambda *a: calls.append(1) or original(*a)
+        try:
+            trainer.step(seen, unseen, n_shot=1)
+        finally:
+            lft.episode_loss = original
+        return [p.grad.clone() for p in trainer.fwt_params], len(calls)
+
+    low_a, calls_low = fwt_grads("lft_evograd")
+    low_b, _ = fwt_grads("lft_evograd")
+    plain, calls_plain = fwt_grads("lft_evograd_plain")
+    assert calls_low == calls_plain == 2 + 1 + 1  # model step + K candidates + validation, nothing recomputed
+    assert all(torch.equal(a, b) for a, b in zip(low_a, low_b))
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(low_a, plain))
+    assert sum(g.abs().sum() for g in low_a) > 0
+
+
+def test_relation_module_batchnorm_keeps_no_running_statistics():
+    torch.manual_seed(0)
+    module = RelationModule(channels=8, side=2)
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 2 and all(not bn.track_running_stats and bn.running_mean is None for bn in bns)
+    assert not any("running" in key for key in module.state_dict())
+    pairs = torch.randn(12, 16, 2, 2) * 3 + 1
+    train_out = module(pairs)
+    assert torch.allclose(module.eval()(pairs), train_out, atol=1e-6)  # batch statistics in eval mode too
+    running = RelationModule(channels=8, side=2, bn="running")
+    running(pairs)  # one training pass updates the running statistics
+    assert not torch.allclose(running.eval()(pairs), running.train()(pairs), atol=1e-3)
+    assert all(not m.track_running_stats for m in build_model("ResNet10", "relationnet_softmax", 16, width=4)
+               .relation.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_relation_module_init_is_fan_out_normal():
+    """Conv weights ~ N(0, 2 / (3·3·out)) (the authors' init_layer), not PyTorch's uniform default."""
+    torch.manual_seed(0)
+    convs = [m for m in RelationModule(channels=64, side=7).modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        w = conv.weight.detach().flatten()
+        expected_std = (2 / (9 * conv.out_channels)) ** 0.5
+        assert w.std().item() == pytest.approx(expected_std, rel=0.03) and abs(w.mean().item()) < 0.01 * expected_std * 10
+        assert w.abs().max().item() > 3.5 * expected_std  # a normal's tails, beyond a uniform's bound
+    default = [m for m in RelationModule(channels=64, side=7, init="pytorch").modules() if isinstance(m, torch.nn.Conv2d)]
+    fan_in = 9 * default[0].in_channels
+    assert default[0].weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.03)
+
+
+def test_aux_head_is_three_layer_mlp_with_the_authors_schedule():
+    head = mlp_classifier(32, 64)
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 32), (32, 32), (32, 64)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in head) == 2 and isinstance(head[-1], torch.nn.Linear)
+    # 0.9^(20·epoch // epochs): 20 steps of 0.9 over training
+    assert [aux_weight_at(e, 400) for e in (0, 19, 20, 39, 40, 399)] == pytest.approx(
+        [1, 1, 0.9, 0.9, 0.81, 0.9 ** 19], rel=1e-12)
+    assert aux_weight_at(3, 10, "pretrained_linear", 2.0) == pytest.approx(1.4)
+    # computed in eval mode: running BatchNorm statistics used and left unchanged
+    torch.manual_seed(0)
+    model = build_model("ResNet10", "relationnet_softmax", 16, width=4)
+    trainer = LFTTrainer(model, "baseline", aux_classifier=mlp_classifier(model.backbone.out_channels, 6))
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    loss = trainer.aux_loss(images, labels)
+    assert torch.isfinite(loss) and model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    # in a step it comes before the episode pass (which updates the running statistics)
+    out = trainer.step(torch.randn(2, 3, 3, 16, 16), torch.randn(2, 3, 3, 16, 16), 1, (images, labels), 0.5)
+    assert out["aux_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    trainer.aux_mode = "train"
+    trainer.aux_loss(images, labels)
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+
+
+@pytest.mark.parametrize("method, options, at_updated", [
+    ("lft_evograd", {}, True), ("lft_second_order", {}, False),
+    ("lft_evograd", {"meta_order": "before"}, False), ("lft_second_order", {"meta_order": "after"}, True)])
+def test_meta_step_is_taken_at_the_updated_theta_for_evograd_by_default(method, options, at_updated, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("ResNet10", "relationnet_softmax", 16, width=4)
+    trainer = LFTTrainer(model, method, generator=torch.Generator().manual_seed(0), **options)
+    seen_theta = {}
+    real_meta_backward = lft.meta_backward
+
+    def spy(estimator, params, *args, **kwargs):
+        seen_theta.update({n: p.detach().clone() for n, p in params.items()})
+        return real_meta_backward(estimator, params, *args, **kwargs)
+    monkeypatch.setattr(lft, "meta_backward", spy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not is_fwt_param(n)}
+    trainer.step(torch.randn(2, 3, 3, 16, 16), torch.randn(2, 3, 3, 16, 16), n_shot=1)
+    after = {n: p.detach() for n, p in model.named_parameters() if not is_fwt_param(n)}
+    assert set(seen_theta) == set(after) and any(not torch.equal(before[n], after[n]) for n in after)
+    reference = after if at_updated else before
+    assert all(torch.equal(seen_theta[n], reference[n]) for n in reference)
+    assert trainer.meta_order == ("after" if at_updated else "before")
+    assert resolve_meta_order("lft_evograd_plain") == "after" and resolve_meta_order("lft_finite_difference") == "before"
+
+
+def test_eval_defaults_to_the_final_model_and_15_queries(tmp_path, tiny_root):
+    from cross_domain_fewshot.train import build_parser
+    defaults = build_parser().parse_args([])
+    assert (defaults.test_queries, defaults.test_checkpoint, defaults.n_query) == (15, "final", 16)
+    assert (defaults.fwt_noise, defaults.meta_order, defaults.aux_loss) == ("independent", "auto", "mlp")
+    assert (defaults.relation_bn, defaults.relation_init) == ("batch", "fan_out")
+    cfg = {"backbone": "ResNet10", "head": "relationnet_softmax", "image_size": 16, "width": 4, "n_way": 5,
+           "n_shot": 1, "n_query": 2, "relation_bn": "batch", "relation_init": "fan_out"}
+    torch.manual_seed(0)
+    final, best = build_model(**{k: cfg[k] for k in ("backbone", "head", "image_size", "width")}), None
+    best = {k: v + 1 for k, v in final.state_dict().items()}
+    state = {"config": cfg, "model": final.state_dict(), "best_model": best}
+    assert all(torch.equal(v, final.state_dict()[k]) for k, v in model_from_checkpoint(state).state_dict().items())
+    assert all(torch.equal(v, best[k]) for k, v in model_from_checkpoint(state, "best_val").state_dict().items())
+    novel = read_file_list(tiny_root / "cub" / "novel.json")  # 8 images per class: list each twice
+    (tmp_path / "cub").mkdir()
+    (tmp_path / "cub" / "novel.json").write_text(json.dumps({
+        "label_names": novel.label_names, "image_names": [str(p) for p in novel.image_paths] * 2,
+        "image_labels": list(novel.labels) * 2}))
+    root = tmp_path
+    shapes = []
+    model = model_from_checkpoint(state)
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    evaluate_on_domain(model, root, "cub", cfg, n_episodes=1, seed=0, n_query=defaults.test_queries)
+    assert shapes == [(5, 1 + 15, 3, 16, 16)]
+
+
 def test_method_names_cover_every_estimator():
     from common.hypergrad import ESTIMATORS
     assert set(METHODS.values()) == set(ESTIMATORS) | {None}
@@ -227,14 +398,21 @@ def _run(*args, cwd):
                           env={"EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
-def test_train_help_and_bad_arguments(repo_root, tmp_path):
+def test_train_help_and_bad_arguments(repo_root, tmp_path, tiny_root):
     assert _run("cross_domain_fewshot.train", "--help", cwd=repo_root).returncode == 0
     bad = _run("cross_domain_fewshot.train", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path), cwd=repo_root)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "is not a folder" in bad.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = _run("cross_domain_fewshot.train", "--data-root", str(empty), "--out", str(tmp_path), cwd=repo_root)
-    assert missing.returncode == 2 and "miniImagenet/base.json not found" in missing.stderr
+    # the test split is checked first, before any training
+    assert missing.returncode == 2 and "cub/novel.json not found" in missing.stderr
+    missing_base = _run("cross_domain_fewshot.train", "--data-root", str(empty), "--stage", "pretrain", "--out",
+                        str(tmp_path), cwd=repo_root)
+    assert missing_base.returncode == 2 and "miniImagenet/base.json not found" in missing_base.stderr
+    too_many = _run("cross_domain_fewshot.train", "--data-root", str(tiny_root), "--out", str(tmp_path), cwd=repo_root)
+    assert too_many.returncode == 2 and "lower --test-queries" in too_many.stderr  # 5 + 15 > 8 images per class
+    assert not (tmp_path / "checkpoints").exists()  # stopped before any work
     no_ckpt = _run("cross_domain_fewshot.eval", "--checkpoint", str(tmp_path / "x.pt"), cwd=repo_root)
     assert no_ckpt.returncode == 2 and "no checkpoint" in no_ckpt.stderr
 
@@ -243,7 +421,8 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
     out = tmp_path / "out"
     common = ["--data-root", str(tiny_root), "--out", str(out), "--width", "4", "--image-size", "16",
               "--n-shot", "1", "--n-query", "2", "--epochs", "2", "--episodes-per-epoch", "2",
-              "--val-episodes", "2", "--test-episodes", "5", "--aux-batch", "4", "--seed", "3", "--threads", "1"]
+              "--val-episodes", "2", "--test-episodes", "5", "--test-queries", "2", "--aux-batch", "4", "--seed", "3",
+              "--threads", "1"]
     for stage in ("pretrain", "train", "eval"):
         extra = ["--pretrain-epochs", "1", "--pretrain-batch", "16"] if stage == "pretrain" else []
         proc = _run("cross_domain_fewshot.train", "--stage", stage, *common, *extra, cwd=repo_root)
@@ -258,8 +437,14 @@ def test_tiny_run_of_every_stage_and_method_writes_results(repo_root, tmp_path, 
             assert 0 <= r["metrics"]["test_acc"] <= 100 and r["metrics"]["test_ci95"] >= 0
             assert len(r["metrics"]["val_acc_curve"]) == 2
             assert r["setting"] == "real unseen=cub ResNet10 relationnet_softmax 5-way 1-shot"
+            assert r["config"]["test_checkpoint"] == "final" and r["config"]["test_queries"] == 2
+            assert r["config"]["fwt_noise"] == "independent" and r["config"]["aux_loss"] == "mlp"
+            assert r["config"]["resolved_meta_order"] == ("after" if r["method"] == "lft_evograd" else "before")
     assert (out / "figures" / "cross_domain_fewshot_cub_seed3.png").is_file()
     ckpt = next(out.glob("checkpoints/lft_evograd_*.pt"))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["config"]["relation_bn"] == "batch" and state["config"]["resolved_meta_order"] == "after"
+    assert [k for k in state["aux_classifier"] if k.endswith("weight")] == ["0.weight", "2.weight", "4.weight"]
     ev = _run("cross_domain_fewshot.eval", "--checkpoint", str(ckpt), "--episodes", "3", cwd=repo_root)
     assert ev.returncode == 0 and "lft_evograd on cub:" in ev.stdout
     # --resume skips the finished run; under other settings (--epochs sets the aux-loss decay) it is refused
