@@ -107,11 +107,13 @@ def meta_step(method: str, model: nn.Module, vnet: VNet, vnet_optimizer: torch.o
 
 
 def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.optim.Optimizer,
-                x: Tensor, y: Tensor) -> tuple[float, Tensor | None]:
+                x: Tensor, y: Tensor) -> tuple[float, Tensor, Tensor | None]:
     """One SGD step of the base model on the VNet-weighted (or, with ``vnet=None``, mean) loss.
 
     Returns:
-        (training loss, raw VNet weights [B] detached, or None for the baseline).
+        (training loss, unweighted mean loss as a detached 0-d tensor (VNet can weight a diverged
+        loss to 0, so the divergence check reads this one), raw VNet weights [B] detached, or None
+        for the baseline).
     """
     losses = F.cross_entropy(model(x), y, reduction="none")
     if vnet is None:
@@ -124,7 +126,7 @@ def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.opti
     model_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     model_optimizer.step()
-    return loss.item(), raw
+    return loss.item(), losses.detach().mean(), raw
 
 
 def train_iteration(method: str, model: nn.Module, vnet: VNet, model_optimizer: torch.optim.Optimizer,
@@ -134,8 +136,8 @@ def train_iteration(method: str, model: nn.Module, vnet: VNet, model_optimizer: 
     meta_loss = None
     if estimator_of(method) is not None:
         meta_loss = meta_step(method, model, vnet, vnet_optimizer, x, y, meta_x, meta_y, options)
-    train_loss, raw = actual_step(model, None if method == "baseline" else vnet, model_optimizer, x, y)
-    return {"train_loss": train_loss, "meta_loss": meta_loss, "weights": raw}
+    train_loss, unweighted_loss, raw = actual_step(model, None if method == "baseline" else vnet, model_optimizer, x, y)
+    return {"train_loss": train_loss, "unweighted_loss": unweighted_loss, "meta_loss": meta_loss, "weights": raw}
 
 
 def init_models(seed: int, num_classes: int, in_channels: int, depth: int, width: int, base_channels: int,

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
             meta_y = meta_labels[m_idx].to(device)
             with guard.step(epoch + 1), meter.step():
                 out = train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
-            guard.check(training_loss=out["train_loss"], meta_loss=out["meta_loss"])
+            guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"], meta_loss=out["meta_loss"])
             sums["train_loss"] += out["train_loss"]
             sums["meta_loss"] += out["meta_loss"] or 0.0
             if out["weights"] is not None:

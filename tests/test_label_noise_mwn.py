@@ -395,3 +395,18 @@ def test_resume_continues_from_saved_epoch(tmp_path, capsys, cached_data):
     assert all(0 < w < 1 for w in result["vnet_weight_at_loss"].values())
     code, err = _cli_exit(capsys, mwn_eval.main, [str(tmp_path / "missing.pt")])
     assert code == 2 and len(err) == 1 and "no checkpoint" in err[0]
+
+
+def test_actual_step_reports_the_unweighted_loss_for_the_divergence_check():
+    """The weighted loss depends on VNet; the guard also reads the plain mean loss, taken before the step."""
+    from label_noise_mwn.mwn import actual_step
+
+    torch.manual_seed(0)
+    model, vnet = torch.nn.Linear(5, 3), VNet(8)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    expected = F.cross_entropy(model(x), y).item()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weighted, unweighted, raw = actual_step(model, vnet, opt, x, y)
+    assert unweighted.item() == pytest.approx(expected, rel=1e-6) and raw.shape == (6,)
+    weighted, unweighted, raw = actual_step(model, None, opt, x, y)
+    assert raw is None and unweighted.item() == pytest.approx(weighted, rel=1e-6)
