@@ -173,7 +173,7 @@ TRAINERS = {
                       ["--meta_lr", "0.5"], ("meta_lr",)),
     "cross_domain_fewshot": Trainer(fewshot_train.main, ["--width", "4", "--image-size", "16", "--n-shot", "1",
                                                          "--n-query", "2", "--epochs", "1", "--episodes-per-epoch", "2",
-                                                         "--val-episodes", "2", "--test-episodes", "5", "--aux-batch",
+                                                         "--val-episodes", "2", "--test-episodes", "5", "--test-queries", "2", "--aux-batch",
                                                          "4", "--seed", "3", "--threads", "1", "--pretrain-epochs", "1",
                                                          "--pretrain-batch", "16", "--methods", "lft_evograd"],
                                     "cross_domain_fewshot_*_lft_evograd_seed3.json", "checkpoints/lft_evograd_*.pt",
