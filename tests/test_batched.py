@@ -169,3 +169,14 @@ def test_evograd_host_reads_once_per_step_not_per_candidate(monkeypatch, method)
 def test_other_estimators_read_the_host_a_fixed_number_of_times(monkeypatch, method):
     reads, _ = reads_per_step(monkeypatch, method, 2)
     assert reads <= 4, f"{method} reads tensor values on the host {reads} times per meta step"
+
+
+def test_mwn_weight_normalisation_without_host_read_keeps_the_zero_sum_rule():
+    from label_noise_mwn.models import normalize_over_batch
+    raw = torch.tensor([0.5, 1.5, 2.0], requires_grad=True)
+    torch.testing.assert_close(normalize_over_batch(raw), raw.detach() / 4.0)
+    zeros = torch.zeros(3, requires_grad=True)
+    out = normalize_over_batch(zeros)
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.zeros(3))     # unchanged when the sum is exactly zero
+    assert torch.isfinite(zeros.grad).all()
