@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -243,8 +243,12 @@ def describe(job: Job) -> str:
 
 
 def run(jobs: Sequence[Job], device: torch.device, budget_s: float | None, warmup: int, reps: int,
-        mem_steps: int, quick: bool) -> tuple[list[dict], list[str]]:
-    """Time every kept job (in this process) and measure its memory (other processes); rows and skips."""
+        mem_steps: int, quick: bool, on_benchmark_done: Callable[[list[dict], list[str]], None] | None = None
+        ) -> tuple[list[dict], list[str]]:
+    """Time every kept job (in this process) and measure its memory (other processes); rows and skips.
+
+    ``on_benchmark_done(rows, skipped)`` is called after each benchmark (to save partial results).
+    """
     startup_s = STARTUP_S[device.type]
     kept, dropped = select_jobs(jobs, budget_s, warmup, reps, mem_steps, startup_s)
     skipped = [f"{describe(j)} (estimated {job_cost_s(j, warmup, reps, mem_steps):.0f} s)" for j in dropped]
@@ -266,7 +270,14 @@ def run(jobs: Sequence[Job], device: torch.device, budget_s: float | None, warmu
                 continue
             config = configs[job.config_index]
             t0 = time.perf_counter()
-            times = time_methods(bench, config, job.methods, device, warmup, reps)
+            try:
+                times = time_methods(bench, config, job.methods, device, warmup, reps)
+            except Exception as err:  # one failing config (say out of memory) must not lose the others
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                skipped.append(f"{describe(job)} (failed: {type(err).__name__}: {first_line})")
+                print(f"skipping {skipped[-1]}", flush=True)
+                free_memory(device)
+                continue
             free_memory(device)
             for m in job.methods:
                 bench_rows.setdefault(m, []).append(
@@ -289,6 +300,8 @@ def run(jobs: Sequence[Job], device: torch.device, budget_s: float | None, warmu
                 f"config {r['config_index']} {_num(r.get('peak_total_mb'), ',.0f')} MiB" for r in method_rows), flush=True)
         rows += [r for job in kept if job.benchmark == name for m in job.methods
                  for r in bench_rows.get(m, []) if r["config_index"] == job.config_index]
+        if on_benchmark_done is not None:
+            on_benchmark_done(rows, skipped)
     return rows, skipped
 
 
@@ -332,21 +345,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         if job.config_index >= len(configs) or bad:
             raise CLIError(f"{describe(job)}: not registered by {job.benchmark}/bench.py (methods {bad})")
     started = time.perf_counter()
-    rows, skipped = run(jobs, device, args.budget_s, args.warmup, args.reps, args.mem_steps, args.quick)
     env = env_info()
     if device.type == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name(device)
     references = {name: bench.reference for name, bench in benches.items()}
-    markdown = format_markdown(rows, references, device, env, skipped)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "gpu_bench.json", {
-        "rows": rows, "skipped": skipped, "plan": [asdict(j) for j in jobs], "references": references,
-        "memory": "cuda_max_allocated_mib_context_excluded" if device.type == "cuda" else "cpu_peak_rss_mb",
-        "budget_12gb_mib": BUDGET_12GB_MIB, "wall_s": time.perf_counter() - started, "env": env,
-        "argv": list(argv if argv is not None else sys.argv[1:])})
-    (out / "gpu_bench.md").write_text(markdown + "\n")
-    print("\n" + markdown)
+
+    def save(rows: list[dict], skipped: list[str]) -> str:
+        markdown = format_markdown(rows, references, device, env, skipped)
+        atomic_write_json(out / "gpu_bench.json", {
+            "rows": rows, "skipped": skipped, "plan": [asdict(j) for j in jobs], "references": references,
+            "memory": "cuda_max_allocated_mib_context_excluded" if device.type == "cuda" else "cpu_peak_rss_mb",
+            "budget_12gb_mib": BUDGET_12GB_MIB, "wall_s": time.perf_counter() - started, "env": env,
+            "argv": list(argv if argv is not None else sys.argv[1:])})
+        (out / "gpu_bench.md").write_text(markdown + "\n")
+        return markdown
+
+    rows, skipped = run(jobs, device, args.budget_s, args.warmup, args.reps, args.mem_steps, args.quick, save)
+    print("\n" + save(rows, skipped))
     print(f"wrote {out / 'gpu_bench.json'} and {out / 'gpu_bench.md'} ({time.perf_counter() - started:.0f} s)")
 
 
