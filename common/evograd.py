@@ -218,8 +218,12 @@ def evograd_meta_loss(
     control flow, no in-place update of a module buffer. BatchNorm in training mode is handled
     when the model runs through ``functional_forward``: it normalises with the batch statistics
     as in the loop, and its running statistics are not read or written (the loop leaves them
-    unchanged too). Anything else that vmap refuses raises ``ValueError``. Where it pays off
-    (measured side by side in ``common.bench``) is said in the top README.
+    unchanged too). Anything else that vmap refuses raises ``ValueError``. Where it pays off,
+    measured side by side on a CPU (top README, "Batched candidates"): only where each candidate
+    pass is too small to keep the cores busy (rotation's LeNet width 1, K = 2, 5, 10: 0.9× the
+    loop's time); at LeNet width 4 (1.1–1.5×) and on Meta-Weight-Net's ResNet-32 (1.05–1.7×) it
+    was slower, and it always took more memory (1.1–1.9×). On a GPU, where small passes leave the
+    card idle, ``make gpu-bench`` measures it.
 
     Host synchronisation: the candidate losses are not read on the host one by one; one check,
     after the validation loss, reads whether all K + 1 losses are finite.
