@@ -13,7 +13,7 @@ candidates, W window):
     method              options                                     cost                        memory
     evograd             n_candidates, sigma, temperature, noise,    K F + K·(B w.r.t. λ only)    K loss graphs + θ*
                         generator, noise_device, batch_candidates
-    evograd_batched     as evograd (batch_candidates=True)          one vmapped F over K          + K θ copies
+    evograd_batched     as evograd (batch_candidates=True)          one vmapped F over K         K loss graphs + θ* + K θ copies
     evograd_low_memory  as evograd, no batch_candidates             same, one graph at a time    1 loss graph
     second_order        inner_lr, inner_steps (``higher``)          T F + T double-backward B    T graphs + T+1 θ copies
     second_order_func   inner_lr, inner_steps (``torch.func``)      as second_order              as second_order
