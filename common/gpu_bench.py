@@ -2,7 +2,7 @@
 
     python -m common.gpu_bench --out results/gpu_bench                  # make gpu-bench (CUDA)
     python -m common.gpu_bench --budget-s 300 --out results/gpu_bench   # drop the slowest configs first
-    python -m common.gpu_bench --device cpu --quick --out /tmp/gb       # the CPU form, tiny shapes (tests)
+    python -m common.gpu_bench --device cpu --quick --out results/gpu_bench_cpu   # the CPU form (tests)
 
 A thin wrapper over ``common.bench``: the configurations and methods are the experiments' own
 registered benchmarks (``<folder>/bench.py``); this module only picks which (``PLAN``), budgets
