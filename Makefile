@@ -9,7 +9,7 @@ EXPERIMENTS := illustration_1d rotation label_noise_mwn cross_domain_fewshot met
 # RUN_FLAGS=--overwrite reruns everything (README, "Runs, checkpoints and resume")
 RUN_FLAGS ?= --resume
 
-.PHONY: setup test reproduce bench clean
+.PHONY: setup test reproduce bench gpu-bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -34,3 +34,9 @@ bench: setup
 
 clean:
 	rm -rf $(RESULTS)
+
+# One CUDA GPU: every paper-shape benchmark, methods side by side (common/gpu_bench.py); writes
+# $(RESULTS)/gpu_bench/gpu_bench.json and gpu_bench.md. GPU_BENCH_ARGS="--budget-s 300" for less time.
+GPU_BENCH_ARGS ?= --budget-s 480
+gpu-bench: setup
+	$(PYTHON) -m common.gpu_bench --device cuda $(GPU_BENCH_ARGS) --out $(RESULTS)/gpu_bench

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from common.distributed import data_parallel
-from common.evograd import check_scalar_loss
+from common.evograd import check_finite_losses, check_scalar_loss, scalar_loss
 from common.second_order import check_inner_args
 
 Params = dict[str, Tensor]
@@ -105,28 +105,33 @@ def finite_difference_hypergrad(
 
     # virtual step θ' = θ − η ∇_θ L_train(θ, λ), outside any graph
     leaves = [t.clone().requires_grad_() for t in theta]
-    train_loss = check_scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+    train_loss = scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+    losses = [train_loss.detach()]  # checked for finiteness once, before .grad is written
     with torch.no_grad():
         virtual = [t - inner_lr * g for t, g in zip(theta, _grads_or_zeros(train_loss, leaves))]
     del train_loss, leaves
 
     virtual = [t.requires_grad_() for t in virtual]
-    val_loss = check_scalar_loss(val_loss_fn(dict(zip(names, virtual))), "val_loss_fn")
+    val_loss = scalar_loss(val_loss_fn(dict(zip(names, virtual))), "val_loss_fn")
+    losses.append(val_loss.detach())
     grads = _grads_or_zeros(val_loss, [*virtual, *hyperparams])
     v, direct = grads[: len(virtual)], grads[len(virtual):]
     del virtual
 
-    v_norm = torch.sqrt(sum((g.to(torch.float64) ** 2).sum() for g in v)).item()
-    total = list(direct)
-    if v_norm > 0:
-        eps = fd_epsilon / v_norm
-        side_grads = []
-        for sign in (1.0, -1.0):
-            shifted = {n: t + sign * eps * g for n, t, g in zip(names, theta, v)}
-            loss = check_scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
-            side_grads.append(_grads_or_zeros(loss, hyperparams))
-            del shifted, loss
-        total = [d - inner_lr * (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, *side_grads)]
+    # ε = fd_epsilon / ||v|| stays a tensor (no host read); with v = 0 both sides equal θ and the
+    # difference term is exactly zero, as it should be
+    v_norm = torch.sqrt(sum((g.to(torch.float64) ** 2).sum() for g in v))
+    eps = fd_epsilon / v_norm.clamp_min(torch.finfo(torch.float64).tiny)
+    side_grads = []
+    for sign in (1.0, -1.0):
+        shifted = {n: t + (sign * eps * g).to(t.dtype) for n, t, g in zip(names, theta, v)}
+        loss = scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
+        losses.append(loss.detach())
+        side_grads.append(_grads_or_zeros(loss, hyperparams))
+        del shifted, loss
+    total = [d - inner_lr * ((gp - gm) / (2 * eps)).to(d.dtype) for d, gp, gm in zip(direct, *side_grads)]
+    check_finite_losses(torch.stack(losses), ["train_loss_fn", "val_loss_fn", "train_loss_fn (finite difference, +)",
+                                              "train_loss_fn (finite difference, −)"])
     with torch.no_grad():
         for h, g in zip(hyperparams, total):
             h.grad = g.detach().clone() if h.grad is None else h.grad + g

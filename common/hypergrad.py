@@ -12,8 +12,9 @@ candidates, W window):
 
     method              options                                     cost                        memory
     evograd             n_candidates, sigma, temperature, noise,    K F + K·(B w.r.t. λ only)    K loss graphs + θ*
-                        generator
-    evograd_low_memory  same as evograd                             same, one graph at a time    1 loss graph
+                        generator, noise_device, batch_candidates
+    evograd_batched     as evograd (batch_candidates=True)          one vmapped F over K         K loss graphs + θ* + K θ copies
+    evograd_low_memory  as evograd, no batch_candidates             same, one graph at a time    1 loss graph
     second_order        inner_lr, inner_steps (``higher``)          T F + T double-backward B    T graphs + T+1 θ copies
     second_order_func   inner_lr, inner_steps (``torch.func``)      as second_order              as second_order
     finite_difference   inner_lr, fd_epsilon                        3 F + 3 plain B (T = 1)      1 graph + 3 θ-sized tensors
@@ -45,7 +46,7 @@ from common.implicit import implicit_hypergrad, sama_hypergrad
 from common.runtime import positive
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
-EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator")
+EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device")
 SECOND_ORDER_OPTIONS = ("inner_lr", "inner_steps")
 FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
 MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
@@ -71,6 +72,11 @@ def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> floa
     out = evograd_meta_loss(params, train_loss_fn, val_loss_fn, return_diagnostics=True, **options)
     out.val_loss.backward(inputs=list(hyperparams))
     return out.val_loss.item()
+
+
+def _evograd_batched(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
+    """``evograd`` with the K candidate passes as one ``torch.func.vmap`` (``batch_candidates=True``)."""
+    return _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options, batch_candidates=True)
 
 
 def _evograd_low_memory(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
@@ -104,7 +110,8 @@ def _sama(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
 
 
 ESTIMATORS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
-    "evograd": (_evograd, EVOGRAD_OPTIONS),
+    "evograd": (_evograd, EVOGRAD_OPTIONS + ("batch_candidates",)),
+    "evograd_batched": (_evograd_batched, EVOGRAD_OPTIONS),
     "evograd_low_memory": (_evograd_low_memory, EVOGRAD_OPTIONS),
     "second_order": (_backward_through(second_order_meta_loss), SECOND_ORDER_OPTIONS),
     "second_order_func": (_backward_through(second_order_meta_loss_func), SECOND_ORDER_OPTIONS),

@@ -11,9 +11,12 @@ ResNet-8 with 16 base channels, batch 100). A config's ``inner_steps``/``window`
 T-step estimators (``unrolled``, ``multistep``); ``mwn_second_order`` is MWN's one-step unroll.
 The implicit estimators run as ``label_noise_mwn.train`` runs them: ``cg`` with J = 10, ``neumann``
 with J = 5 and α = the model's learning rate, ``sama`` with plain SGD at that learning rate (the
-momentum SGD of the model is not handed to the estimator).
+momentum SGD of the model is not handed to the estimator). Configs 4 and 5 are ResNet-32 width 1
+at K = 5 and 10 EvoGrad candidates (``k``, default 2); ``evograd_batched`` (by ``--methods``) runs
+the K candidate passes as one ``torch.func.vmap``:
 
     python -m common.bench label_noise_mwn --config 3 --methods mwn_second_order mwn_evograd cg neumann sama
+    python -m common.bench label_noise_mwn --config 0 4 5 --methods mwn_second_order mwn_evograd evograd_batched
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from label_noise_mwn.mwn import PAPER_METHODS, make_optimizers, method_choices, 
 @register_benchmark(
     "label_noise_mwn", methods=PAPER_METHODS, reference="mwn_second_order", extra_methods=method_choices(),
     configs=tuple({"depth": 32, "width": w, "batch": 100} for w in (1, 2, 4))
-    + ({"depth": 8, "width": 1, "base_channels": 16, "channels": 1, "batch": 100, "inner_steps": 2, "window": 2},),
+    + ({"depth": 8, "width": 1, "base_channels": 16, "channels": 1, "batch": 100, "inner_steps": 2, "window": 2},)
+    + tuple({"depth": 32, "width": 1, "batch": 100, "k": k} for k in (5, 10)),
     quick_configs=({"depth": 8, "width": 1, "batch": 8},),
     description="Meta-Weight-Net iteration (virtual/EvoGrad meta step + actual step), ResNet at CIFAR shapes")
 def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:
@@ -43,9 +47,9 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
                         config.get("base_channels", 16)).to(device)
     vnet = VNet().to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, 0.1, 0.9, True, 5e-4, 1e-3, 0.9, 5e-4)
-    options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": 2, "sigma": 1e-3, "temperature": 0.05,
-               "noise": "sign", "generator": torch.Generator().manual_seed(1), "cg_iters": 10, "neumann_iters": 5,
-               **horizon_options(method, config)}
+    options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": config.get("k", 2), "sigma": 1e-3,
+               "temperature": 0.05, "noise": "sign", "generator": torch.Generator().manual_seed(1), "cg_iters": 10,
+               "neumann_iters": 5, **horizon_options(method, config)}
 
     def step() -> None:
         train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)

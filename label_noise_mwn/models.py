@@ -91,9 +91,13 @@ def normalized_weights(vnet: VNet, per_example_loss: Tensor) -> Tensor:
 
 
 def normalize_over_batch(raw_weights: Tensor) -> Tensor:
-    """w_i / Σ_j w_j, or w unchanged when the sum is exactly zero (as in the MWN code)."""
+    """w_i / Σ_j w_j, or w unchanged when the sum is exactly zero (as in the MWN code).
+
+    Decided on the device (``torch.where`` on the divisor), without reading the sum on the host,
+    so it runs under vmap and costs no GPU synchronisation.
+    """
     total = raw_weights.sum()
-    return raw_weights / total if total.item() != 0 else raw_weights
+    return raw_weights / torch.where(total != 0, total, torch.ones_like(total))
 
 
 def weighted_loss(vnet: VNet, per_example_loss: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ rotated by the angle, then the angle's hypergradient (EvoGrad or one unrolled SG
 ``higher``) and its Adam step, on random MNIST-shaped batches of 128 images. Configs widen LeNet
 (``width`` multiplies channels and hidden units: 1, 2, 4, 8, 16) and vary EvoGrad's K (2, 5, 10;
 the second-order step does not use K, it is rerun there only as the reference). ``evograd`` is the
-plain path (K candidate graphs alive until backward), ``evograd_low_memory`` keeps one at a time.
+plain path (K candidate graphs alive until backward), ``evograd_low_memory`` keeps one at a time,
+``evograd_batched`` (by ``--methods``) runs the K candidate passes as one ``torch.func.vmap``;
+configs 8 and 9 are width 4 at K = 5 and 10.
 Config 7 is the estimator study's end-to-end setting: with ``--methods`` naming any of the other
 estimators too (``finite_difference``, ``unrolled``, ``multistep``, ``second_order_func``, ``cg``,
 ``neumann``, ``sama``), its ``inner_steps`` = ``window`` = 5 applies to ``unrolled`` and
@@ -33,6 +35,8 @@ WIDTHS = (1, 2, 4, 8, 16)
 CONFIGS = tuple({"width": w, "k": 2, "batch": 128} for w in WIDTHS) + tuple(
     {"width": 1, "k": k, "batch": 128} for k in (5, 10)) + ({"width": 1, "k": 2, "batch": 128, "inner_steps": 5,
                                                             "window": 5},)
+# configs 8, 9: width 4 at K = 5, 10 (with configs 2, 5, 6: the batched-candidates comparison)
+CONFIGS += tuple({"width": 4, "k": k, "batch": 128} for k in (5, 10))
 
 
 @register_benchmark("rotation", methods=("evograd", "evograd_low_memory", "second_order"), reference="second_order",
