@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from common.estimators import _grads_or_zeros
-from common.evograd import check_scalar_loss
+from common.evograd import check_finite_losses, scalar_loss
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -72,7 +72,7 @@ def _validation_gradients(names: list[str], theta: list[Tensor], hyperparams: li
                           val_loss_fn: LossFn) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """(L_val(θ), v = ∇_θ L_val, ∂_λ L_val): one validation forward and backward."""
     leaves = [t.clone().requires_grad_() for t in theta]
-    val_loss = check_scalar_loss(val_loss_fn(dict(zip(names, leaves))), "val_loss_fn")
+    val_loss = scalar_loss(val_loss_fn(dict(zip(names, leaves))), "val_loss_fn")
     grads = _grads_or_zeros(val_loss, [*leaves, *hyperparams])
     return val_loss.detach(), grads[: len(leaves)], grads[len(leaves):]
 
@@ -91,8 +91,12 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
         r_{k+1} = r_k − α_k (H + δI) p_k,   p_{k+1} = r_{k+1} + (⟨r_{k+1}, r_{k+1}⟩ / ⟨r_k, r_k⟩) p_k,
 
     stopping after ``iters`` steps, once ‖r‖ ≤ tol·‖v‖, or where ⟨p, (H + δI)p⟩ ≤ 0 (H + δI not
-    positive definite along p: the last iterate is returned). Exact in at most dim(θ) steps for a
+    positive definite along p: the last iterate is kept). Exact in at most dim(θ) steps for a
     positive-definite H (in exact arithmetic).
+
+    Host reads: α and β stay on the device, and a step past a stop is masked to a no-op, so with
+    ``tol = 0`` the solve reads nothing from the device; with ``tol > 0`` it reads one boolean per
+    step to stop early (the price of the early stop on a GPU).
 
     Returns:
         (x, number of Hessian-vector products used).
@@ -101,25 +105,26 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
     r = [t.clone() for t in v]
     p = [t.clone() for t in v]
     rr = _dot(r, r)
-    stop = (tol * math.sqrt(rr.item())) ** 2
+    stop = tol ** 2 * rr
+    active = rr > 0  # 0-d bool tensor: False once converged or past a non-positive curvature
     used = 0
     for _ in range(iters):
-        if rr.item() <= stop or rr.item() == 0.0:
+        active = active & (rr > stop)
+        if tol > 0 and not bool(active):
             break
         hp = hvp(p)
         used += 1
         if damping:
             hp = [a + damping * b for a, b in zip(hp, p)]
         curvature = _dot(p, hp)
-        if curvature.item() <= 0:
-            break
-        alpha = (rr / curvature).item()
-        x = [a + alpha * b for a, b in zip(x, p)]
-        r = [a - alpha * b for a, b in zip(r, hp)]
+        active = active & (curvature > 0)
+        alpha = torch.where(active, rr / torch.where(active, curvature, 1.0), 0.0)
+        x = [a + alpha.to(a.dtype) * b for a, b in zip(x, p)]
+        r = [a - alpha.to(a.dtype) * b for a, b in zip(r, hp)]
         rr_next = _dot(r, r)
-        beta = (rr_next / rr).item()
-        p = [a + beta * b for a, b in zip(r, p)]
-        rr = rr_next
+        beta = torch.where(active, rr_next / torch.where(rr > 0, rr, 1.0), 0.0)
+        p = [a + beta.to(a.dtype) * b for a, b in zip(r, p)]
+        rr = torch.where(active, rr_next, rr)
     return x, used
 
 
@@ -212,7 +217,8 @@ def implicit_hypergrad(
     val_loss, v, direct = _validation_gradients(names, theta, hyperparams, val_loss_fn)
 
     leaves = [t.clone().requires_grad_() for t in theta]
-    train_loss = check_scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+    train_loss = scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+    check_finite_losses(torch.stack([val_loss, train_loss.detach()]), ["val_loss_fn", "train_loss_fn"])
     train_grads = _grads_or_zeros(train_loss, leaves, create_graph=True)
     live = [i for i, g in enumerate(train_grads) if g.requires_grad]  # the rest: L_train linear there
 
@@ -371,24 +377,31 @@ def sama_hypergrad(
     names = list(params)
     theta = [params[n].detach() for n in names]
     train_grads = None
+    losses, whats = [], []  # every loss of the step, checked for finiteness once at the end
     if base_optimizer is not None and not isinstance(base_optimizer, torch.optim.SGD):
         leaves = [t.clone().requires_grad_() for t in theta]
-        loss = check_scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+        loss = scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
+        losses.append(loss.detach())
+        whats.append("train_loss_fn")
         train_grads = _grads_or_zeros(loss, leaves)
         del loss, leaves
     precondition = optimizer_preconditioner(base_optimizer, params, inner_lr, train_grads)
     val_loss, v, direct = _validation_gradients(names, theta, hyperparams, val_loss_fn)
+    losses.append(val_loss)
+    whats.append("val_loss_fn")
     pv = [p * g for p, g in zip(precondition, v)]
-    pv_norm = math.sqrt(_dot(pv, pv).item())
-    total = list(direct)
-    if pv_norm > 0:
-        eps = fd_epsilon / pv_norm
-        side = []
-        for sign in (1.0, -1.0):
-            shifted = {n: t + sign * eps * d for n, t, d in zip(names, theta, pv)}
-            loss = check_scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
-            side.append(_grads_or_zeros(loss, hyperparams))
-            del shifted, loss
-        total = [d - (gp - gm) / (2 * eps) for d, gp, gm in zip(direct, *side)]
+    # ε = fd_epsilon / ‖Pv‖ stays a tensor (no host read); with Pv = 0 both sides equal θ and the
+    # difference term is exactly zero
+    eps = fd_epsilon / torch.sqrt(_dot(pv, pv)).clamp_min(torch.finfo(torch.float64).tiny)
+    side = []
+    for sign in (1.0, -1.0):
+        shifted = {n: t + (sign * eps * d).to(t.dtype) for n, t, d in zip(names, theta, pv)}
+        loss = scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
+        losses.append(loss.detach())
+        whats.append(f"train_loss_fn (finite difference, {'+' if sign > 0 else '−'})")
+        side.append(_grads_or_zeros(loss, hyperparams))
+        del shifted, loss
+    total = [d - ((gp - gm) / (2 * eps)).to(d.dtype) for d, gp, gm in zip(direct, *side)]
+    check_finite_losses(torch.stack(losses), whats)
     _accumulate(hyperparams, total)
     return val_loss

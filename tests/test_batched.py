@@ -146,12 +146,12 @@ class HostReads:
         monkeypatch.setattr(evograd_module, "check_finite_losses", counted_check)
 
 
-def reads_per_step(monkeypatch, method: str, k: int) -> tuple[int, int]:
+def reads_per_step(monkeypatch, method: str, k: int, **options) -> tuple[int, int]:
     model, hyper, train, val = cnn_problem(dtype=torch.float32)
-    hypergrad(method, model, hyper, train, val, k)   # warm-up outside the count
+    hypergrad(method, model, hyper, train, val, k, **options)   # warm-up outside the count
     with monkeypatch.context() as patch:
         reads = HostReads(patch)
-        hypergrad(method, model, hyper, train, val, k)
+        hypergrad(method, model, hyper, train, val, k, **options)
     return reads.count, reads.finite_checks
 
 
@@ -167,8 +167,19 @@ def test_evograd_host_reads_once_per_step_not_per_candidate(monkeypatch, method)
 
 @pytest.mark.parametrize("method", sorted(set(ESTIMATORS) - {"evograd", "evograd_batched", "evograd_low_memory"}))
 def test_other_estimators_read_the_host_a_fixed_number_of_times(monkeypatch, method):
-    reads, _ = reads_per_step(monkeypatch, method, 2)
+    # cg without its early stop (cg_tol = 0); its early stop reads one boolean per CG step (below)
+    options = {"cg_tol": 0.0} if method == "cg" else {}
+    reads, _ = reads_per_step(monkeypatch, method, 2, **options)
     assert reads <= 4, f"{method} reads tensor values on the host {reads} times per meta step"
+
+
+def test_cg_early_stop_reads_one_boolean_per_step(monkeypatch):
+    without, _ = reads_per_step(monkeypatch, "cg", 2, cg_tol=0.0, cg_iters=6)
+    assert reads_per_step(monkeypatch, "cg", 2, cg_tol=0.0, cg_iters=2)[0] == without  # none per CG step
+    # a tolerance never met: the solve runs until its 6 steps or the CNN's first non-positive curvature
+    # (then one more read stops it); the old solve read 4 values per step
+    with_stop, _ = reads_per_step(monkeypatch, "cg", 2, cg_tol=1e-30, cg_iters=6)
+    assert 1 <= with_stop - without <= 6
 
 
 def test_mwn_weight_normalisation_without_host_read_keeps_the_zero_sum_rule():

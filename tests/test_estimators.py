@@ -314,6 +314,7 @@ DIRECT_CASES = {  # method: (options, closed form at θ, λ)
     "sama": ({"inner_lr": ETA}, lambda t, l: GAMMA * t + ETA * CURV * (t - TARGET + GAMMA * l)),
     "evograd": ({}, None),
     "evograd_low_memory": ({}, None),
+    "evograd_batched": ({}, None),
 }
 
 
