@@ -136,17 +136,66 @@ def import_experiment_modules(module_name: str) -> list[str]:
     return imported
 
 
-def positive(kind: type = float) -> Callable[[str], float]:
-    """argparse type for a strictly positive number."""
+def _number(kind: type, check: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """argparse type: parse ``kind``, then refuse values for which ``check`` is false."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def positive(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a strictly positive number (NaN is refused)."""
+    return _number(kind, lambda v: v > 0, "> 0")
+
+
+def non_negative(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a number >= 0 (weight decay, momentum, a seed)."""
+    return _number(kind, lambda v: v >= 0, ">= 0")
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """argparse type for a number >= ``minimum`` (EvoGrad's K >= 2, a grid of >= 2 points)."""
+    return _number(kind, lambda v: v >= minimum, f">= {minimum}")
+
+
+def in_range(low: float, high: float, kind: type = float, high_open: bool = False) -> Callable[[str], float]:
+    """argparse type for a number in [low, high] (or [low, high) with ``high_open``)."""
+    return _number(kind, lambda v: low <= v and (v < high if high_open else v <= high),
+                   f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+class _Refused(argparse.Action):
+    """A flag that is parsed only to be refused with the reason (``refuse_flags``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not used by {parser.prog}: {self.reason}")
+
+
+def refuse_flags(parser: argparse.ArgumentParser, reason: str, *flags: str) -> argparse.ArgumentParser:
+    """Refuse shared flags (from ``add_common_args``, ``add_estimator_args``) that an entry point
+    does not use: giving one is an argparse error naming it and ``reason``, instead of being ignored.
+    The flags leave ``--help`` and the parsed namespace."""
+    for flag in flags:
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            raise ValueError(f"{parser.prog} has no flag {flag}")
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for option in action.option_strings:
+            del parser._option_string_actions[option]
+        refused = parser.add_argument(*action.option_strings, action=_Refused, nargs="*",
+                                      default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        refused.reason = reason
+    return parser
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
