@@ -36,8 +36,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int
     parser.add_argument("--quick", action="store_true", help="small run on the embedded default data")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto picks cuda when available")
-    parser.add_argument("--seed", type=int, default=None, help="run this one seed (overrides --seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(default_seeds),
+    parser.add_argument("--seed", type=non_negative(int), default=None, help="run this one seed (overrides --seeds)")
+    parser.add_argument("--seeds", type=non_negative(int), nargs="+", default=list(default_seeds),
                         help="seeds to run one after another")
     parser.add_argument("--data-root", default=None,
                         help="folder with the dataset files; default: the embedded offline data")
