@@ -202,16 +202,26 @@ class Episode:
     indices: list[list[int]]
 
 
+def episode_classes(file_list: FileList, n_way: int, n_shot: int, n_query: int) -> dict[int, list[int]]:
+    """{label: image indices} of the classes with at least ``n_shot + n_query`` images.
+
+    Raises:
+        DataError: if fewer than ``n_way`` classes have that many (no episode can be drawn).
+    """
+    per_class = n_shot + n_query
+    groups = {c: idx for c, idx in file_list.indices_by_class().items() if len(idx) >= per_class}
+    if len(groups) < n_way:
+        raise DataError(f"{file_list.path}: only {len(groups)} classes have >= {per_class} images "
+                        f"(--n-shot {n_shot} + --n-query {n_query}); {n_way}-way episodes need {n_way}")
+    return groups
+
+
 class EpisodeSampler:
     """n-way k-shot episodes with ``n_query`` queries per class from one file list."""
 
     def __init__(self, source: ImageSource, n_way: int, n_shot: int, n_query: int) -> None:
         self.source, self.n_way, self.n_shot, self.n_query = source, n_way, n_shot, n_query
-        per_class = n_shot + n_query
-        self.groups = {c: idx for c, idx in source.file_list.indices_by_class().items() if len(idx) >= per_class}
-        if len(self.groups) < n_way:
-            raise DataError(f"{source.file_list.path}: only {len(self.groups)} classes have >= {per_class} images "
-                            f"(n_shot + n_query), {n_way}-way episodes need {n_way}")
+        self.groups = episode_classes(source.file_list, n_way, n_shot, n_query)
 
     def sample(self, generator: torch.Generator) -> Episode:
         labels = sorted(self.groups)

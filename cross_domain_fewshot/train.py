@@ -26,10 +26,10 @@ from torch import nn
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, save_checkpoint, write_results
-from common.runtime import (CLIError, DataError, add_common_args, positive, progress, run_cli, seed_everything,
-                            seeds_of, select_device)
+from common.runtime import (CLIError, DataError, add_common_args, at_least, non_negative, positive, progress, run_cli,
+                            seed_everything, seeds_of, select_device)
 from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
-                                       domain_file_list, write_embedded_dataset)
+                                       domain_file_list, episode_classes, write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
 from cross_domain_fewshot.lft import METHODS, PAPER_METHODS, LFTTrainer, evaluate, fwt_scales
 from cross_domain_fewshot.models import BLOCKS_PER_STAGE, ResNetBackbone, build_model
@@ -58,16 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes-per-epoch", type=positive(int), default=100, help="meta-iterations per epoch")
     parser.add_argument("--lr", type=positive(), default=1e-3, help="Adam lr of the model; EvoGrad sigma; virtual-step lr")
     parser.add_argument("--fwt-lr", type=positive(), default=1e-3, help="Adam lr of the FWT parameters")
-    parser.add_argument("--fwt-weight-decay", type=float, default=1e-8, help="Adam weight decay of the FWT parameters")
-    parser.add_argument("--n-candidates", type=positive(int), default=2, help="EvoGrad candidates K")
+    parser.add_argument("--fwt-weight-decay", type=non_negative(), default=1e-8, help="Adam weight decay of the FWT parameters")
+    parser.add_argument("--n-candidates", type=at_least(2), default=2, help="EvoGrad candidates K (>= 2)")
     parser.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature tau")
-    parser.add_argument("--aux-weight", type=float, default=1.0,
+    parser.add_argument("--aux-weight", type=non_negative(), default=1.0,
                         help="weight of the auxiliary pretraining-class loss, decayed linearly to 0 over training")
     parser.add_argument("--aux-batch", type=positive(int), default=16, help="images per auxiliary batch")
     parser.add_argument("--val-episodes", type=positive(int), default=100, help="miniImagenet val episodes per epoch")
     parser.add_argument("--test-episodes", type=positive(int), default=1000, help="unseen-domain test episodes")
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=non_negative(int), default=0, help="torch CPU threads (0: leave torch's default)")
     return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
 
 
@@ -92,9 +92,25 @@ def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
         raise DataError(f"--data-root {args.data_root} is not a folder (expected <domain>/<split>.json inside)")
     else:
         args.resolved_data_root = args.data_root
+        check_file_lists(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return args
+
+
+def check_file_lists(args: argparse.Namespace) -> None:
+    """Read every file list the chosen stages will use, before any of them runs: a missing or
+    malformed list, or one with too few classes for an episode, is a DataError now rather than
+    after pretraining."""
+    episode_lists = []
+    if args.stage in ("all", "train"):
+        episode_lists += [(d, "base") for d in DOMAINS if d != args.testset] + [(PRETRAIN_DOMAIN, "val")]
+    if args.stage in ("all", "eval"):
+        episode_lists.append((args.testset, "novel"))
+    if args.stage in ("all", "pretrain", "train"):
+        domain_file_list(args.data_root, PRETRAIN_DOMAIN, "base")
+    for domain, split in episode_lists:
+        episode_classes(domain_file_list(args.data_root, domain, split), args.n_way, args.n_shot, args.n_query)
 
 
 def setting_of(cfg: dict) -> str:
