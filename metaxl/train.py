@@ -24,8 +24,8 @@ from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
-                            seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, add_common_args, at_least, check_finite, in_range, non_negative, positive,
+                            progress, run_cli, seed_everything, seeds_of, select_device)
 from metaxl.data import build_vocab, cycle_batches, encode, epoch_batches, load_language, write_synthetic_panx
 from metaxl.model import (METHODS, TINY, TINY_LAYERS, RepresentationTransformation, StepConfig, build_tagger, evaluate,
                           load_tokenizer, tiny_config, to_device, train_iteration)
@@ -46,15 +46,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target_train_size", type=positive(int), default=100, help="target training sentences used")
     p.add_argument("--batch_size", type=positive(int), default=12, help="sentences per batch (source and target)")
     p.add_argument("--lr", type=positive(), default=3e-5, help="main model learning rate (AdamW)")
-    p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear lr warm-up")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the main model")
+    p.add_argument("--warmup_ratio", type=in_range(0, 1, high_open=True), default=0.1,
+                   help="share of steps with linear lr warm-up, in [0, 1)")
+    p.add_argument("--weight_decay", type=non_negative(), default=0.0, help="AdamW weight decay of the main model")
     p.add_argument("--meta_lr", type=positive(), default=1e-6, help="RTN learning rate (Adam)")
     p.add_argument("--epochs", type=positive(int), default=20, help="passes over the source sentences")
     p.add_argument("--max_seq_length", type=positive(int), default=200, help="sub-tokens per training sentence")
     p.add_argument("--eval_max_seq_length", type=positive(int), default=512, help="sub-tokens per eval sentence")
     p.add_argument("--eval_batch_size", type=positive(int), default=32, help="sentences per evaluation batch")
     p.add_argument("--bottle_size", type=positive(int), default=384, help="RTN bottleneck width")
-    p.add_argument("--transfer_layer", type=int, default=12,
+    p.add_argument("--transfer_layer", type=non_negative(int), default=12,
                    help="RTN acts on hidden states after this layer (0 = embeddings; tiny has 4 layers)")
     p.add_argument("--max_grad_norm", type=positive(), default=10.0, help="gradient clipping of the main model")
     p.add_argument("--metaxl_estimator", default="second_order",
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="hypergradient of 'metaxl' (virtual step of the whole model)")
     p.add_argument("--evograd_estimator", default="evograd", choices=sorted(k for k in ESTIMATORS if k.startswith("evograd")),
                    help="EvoGrad variant of 'metaxl_evograd' (head only)")
-    p.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
+    p.add_argument("--n_candidates", type=at_least(2), default=2, help="EvoGrad candidates K (>= 2)")
     p.add_argument("--sigma", type=positive(), default=1e-3, help="EvoGrad perturbation scale")
     p.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature")
     p.add_argument("--no_figures", action="store_true", help="skip the dev-F1 figures")
@@ -71,10 +72,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:  # quick values become defaults, so flags given explicitly still win
         p.set_defaults(**QUICK, targets=[args.targets[0]])
         args = p.parse_args(argv)
-    if not 0 <= args.warmup_ratio < 1:
-        raise CLIError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.n_candidates < 2:
-        raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
     return args
 
 
@@ -87,6 +84,12 @@ def load_data(args: argparse.Namespace, target: str, scratch: Path) -> dict:
         root = write_synthetic_panx(scratch / target, args.source, target, sizes)
     source = load_language(root, args.source, ("train",))
     target_splits = load_language(root, target)
+    for flag, lang, asked, have in (("--train_size", args.source, args.train_size, len(source["train"])),
+                                    ("--target_train_size", target, args.target_train_size,
+                                     len(target_splits["train"]))):
+        if asked > have:
+            raise CLIError(f"{flag} {asked} is larger than the {have} training sentences of {lang} in "
+                           f"{args.data_root}; pass {flag} {have} or less")
     return {"lang": target, "source": source["train"][: args.train_size],
             "target": target_splits["train"][: args.target_train_size], "dev": target_splits["dev"],
             "test": target_splits["test"]}
@@ -187,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     kind = "synthetic" if args.data_root is None else "panx"
     model_name = Path(args.model).name if args.model != TINY else TINY
     with tempfile.TemporaryDirectory(prefix="metaxl_synthetic_") as scratch:
-        for target in args.targets:
-            data = load_data(args, target, Path(scratch))
+        # every target's data is read (and checked) before the first one trains
+        data_by_target = {target: load_data(args, target, Path(scratch)) for target in args.targets}
+        for target, data in data_by_target.items():
             setting = f"{kind}-{args.source}-{target}-{model_name}"
             for seed in seeds_of(args):
                 records = {}
