@@ -26,7 +26,7 @@ from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.profiling import EfficiencyMeter
 from common.results import load_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, add_common_args, check_finite, positive, progress, run_cli,
+from common.runtime import (CLIError, add_common_args, at_least, check_finite, positive, progress, run_cli,
                             seed_everything, seeds_of, select_device)
 from rotation.data import BACKGROUND, RotationData, batches, cycle_batches, load_rotation_data, rotate_dataset
 from rotation.model import LeNet, RotationTransformer, n_parameters
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive(int), default=128, help="training and validation batch size")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate of LeNet")
     parser.add_argument("--meta-lr", type=positive(float), default=1e-2, help="Adam learning rate of the angle (radians)")
-    parser.add_argument("--k", "--n-candidates", type=int, default=2, help="EvoGrad: number of model candidates K (>= 2)")
+    parser.add_argument("--k", "--n-candidates", type=at_least(2), default=2, help="EvoGrad: number of model candidates K (>= 2)")
     parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad: perturbation scale σ")
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad: softmax temperature τ")
     parser.add_argument("--noise", default="sign", choices=["sign", "gaussian"], help="EvoGrad: perturbation kind")
@@ -203,8 +203,6 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.k < 2:
-        raise CLIError(f"--k must be >= 2, got {args.k}")
     if args.quick and args.data_root is not None:
         raise CLIError("--quick runs on the embedded MNIST subset; leave out --data-root (or --quick)")
     seeds = seeds_of(args)[:1] if args.quick else seeds_of(args)
