@@ -6,11 +6,12 @@ bad input ends with one clear line on stderr and exit status 2 instead of a trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ class _Refused(argparse.Action):
     """A flag that is parsed only to be refused with the reason (``refuse_flags``)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is not used by {parser.prog}: {self.reason}")
+        parser.error(f"{option_string} is not used here: {self.reason}")
 
 
 def refuse_flags(parser: argparse.ArgumentParser, reason: str, *flags: str) -> argparse.ArgumentParser:
@@ -198,10 +199,28 @@ def refuse_flags(parser: argparse.ArgumentParser, reason: str, *flags: str) -> a
     return parser
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; user-facing errors become one line on stderr and exit status 2."""
+@contextlib.contextmanager
+def argparse_errors_as_cli_errors() -> Iterator[None]:
+    """Within the block, an argparse error (bad flag value, unknown flag) raises ``CLIError`` naming
+    the flag, instead of printing the usage block and exiting: ``run_cli`` then prints one line."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        raise CLIError(f"{parser.prog}: {message} (see --help)")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
     try:
-        main(argv)
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; user-facing errors, argparse's included, become one line on stderr and
+    exit status 2."""
+    try:
+        with argparse_errors_as_cli_errors():
+            main(argv)
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
