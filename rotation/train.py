@@ -205,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.quick and args.data_root is not None:
         raise CLIError("--quick runs on the embedded MNIST subset; leave out --data-root (or --quick)")
-    seeds = seeds_of(args)[:1] if args.quick else seeds_of(args)
+    asked_seeds = args.seed is not None or args.seeds != list(PAPER_SEEDS)
+    seeds = seeds_of(args)[:1] if args.quick and not asked_seeds else seeds_of(args)  # --quick: one seed unless asked
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
