@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from common.results import write_results
-from common.runtime import run_cli
+from common.runtime import CLIError, run_cli
 
 EFFICIENCY = {"meta_step_s": 0.5, "peak_mem_mb": 10.0, "device": "cpu"}
 MWN = ["--quick", "--epochs", "1", "--methods", "baseline"]
@@ -228,3 +228,16 @@ def test_report_counts_a_run_found_twice_once(bad_data, capsys):
     text = (bad_data / "twice.md").read_text()
     assert "1 runs." in text and "| evograd | 1 | 92.00 |" in text, text
     capsys.readouterr()
+
+
+def test_rotation_quick_runs_the_seeds_asked_for(tmp_path, capsys, monkeypatch):
+    """``--quick --seeds 1 2`` used to run seed 1 alone, silently; the default stays one seed."""
+    from rotation import train
+
+    def stop(*args, **kwargs):
+        raise CLIError("stopped before training")
+    monkeypatch.setattr(train, "train_run", stop)
+    for argv, seeds in ((["--seeds", "1", "2"], "seeds [1, 2]"), ([], "seeds [1]")):
+        with pytest.raises(SystemExit):
+            run_cli(train.main, ["--quick", *argv, "--out", str(tmp_path)])
+        assert seeds + "," in capsys.readouterr().out
