@@ -6,7 +6,9 @@ Runs are grouped by (experiment, setting, method); every scalar metric and effic
 shown as mean ± std over seeds (sample std, n−1; "±0" for a single seed is shown as the value
 alone). The paper's numbers, where known, are read from one data file,
 ``common/paper_numbers.json`` (each experiment's entry with its source), and shown in rows
-marked "paper" right below ours. Every PNG under the folder is listed at the end.
+marked "paper" right below ours. Every PNG under the folder is listed at the end. A results file
+that cannot be read (malformed, truncated, not UTF-8, ``"metrics": null``) is named in a warning
+and skipped; a run found twice (same experiment, setting, method and seed) is counted once.
 """
 from __future__ import annotations
 

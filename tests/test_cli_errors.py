@@ -43,6 +43,8 @@ CASES = [
     ("illustration_1d.train", ["--resume"], 2, ["--resume is not used"]),
     ("illustration_1d.train", ["--data-root", "{tmp}"], 2, ["--data-root is not used"]),
     ("illustration_1d.train", ["--seed", "-1"], 2, ["--seed", "must be >= 0"]),
+    ("illustration_1d.eval", ["--results-file", "{tmp}/results_metrics_null/toy_evograd_seed2.json"], 2,
+     ["toy_evograd_seed2.json", "is not an illustration_1d results file"]),
     # --- rotation
     ("rotation.train", ["--k", "1"], 2, ["--k/--n-candidates", "must be >= 2"]),
     ("rotation.train", ["--threads", "-1"], 2, ["--threads", "must be > 0"]),
