@@ -189,6 +189,28 @@ def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[s
     return results
 
 
+def plan_benchmark(bench: Benchmark, methods: Sequence[str] | None, indices: Sequence[int] | None,
+                   quick: bool) -> tuple[Benchmark, tuple[str, ...], list[dict]]:
+    """``(bench, methods, configs)`` to run, from ``--methods``/``--config``/``--quick``.
+
+    Raises:
+        CLIError: naming the benchmark, for a method it lacks or a config index out of range.
+    """
+    methods = tuple(methods or bench.methods)
+    known = bench.methods + bench.extra_methods
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise CLIError(f"benchmark {bench.name} has no method(s) {bad}; it has {list(known)}")
+    configs = bench.quick_configs if quick else bench.configs
+    if indices:
+        out_of_range = [i for i in indices if not 0 <= i < len(configs)]
+        if out_of_range:
+            raise CLIError(f"--config {out_of_range} out of range for {bench.name}: its "
+                           f"{'quick ' if quick else ''}configs are 0..{len(configs) - 1}")
+        configs = [configs[i] for i in indices]
+    return bench, methods, list(configs)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all registered)")
@@ -232,19 +254,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [n for n in args.names if n not in registry]
     if unknown:
         raise CLIError(f"unknown benchmark(s) {unknown}; registered: {sorted(registry)}")
+    plan = [plan_benchmark(registry[name], args.methods, args.config, args.quick)
+            for name in args.names or sorted(registry)]  # every request checked before any runs
     all_rows = []
-    for name in args.names or sorted(registry):
-        bench = registry[name]
-        methods = args.methods or bench.methods
-        known = bench.methods + bench.extra_methods
-        bad = [m for m in methods if m not in known]
-        if bad:
-            raise CLIError(f"benchmark {name} has no method(s) {bad}; it has {list(known)}")
-        configs = bench.quick_configs if args.quick else bench.configs
-        if args.config:
-            if any(i < 0 or i >= len(configs) for i in args.config):
-                raise CLIError(f"--config indices must be in 0..{len(configs) - 1} for {name}")
-            configs = [configs[i] for i in args.config]
+    for bench, methods, configs in plan:
         all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
                                   not args.no_memory, args.mem_steps, timing=not args.no_time)
     if args.out:

@@ -35,8 +35,8 @@ from torch import Tensor
 from common.hypergrad import meta_backward
 from common.profiling import current_rss_mb, peak_rss_mb, reset_peak_rss
 from common.results import atomic_write_json, write_results
-from common.runtime import (CLIError, add_common_args, finished_runs, import_experiment_modules, prepare_out,
-                            progress, run_cli, seed_everything, select_device)
+from common.runtime import (CLIError, add_common_args, finished_runs, import_experiment_modules, non_negative,
+                            positive, prepare_out, progress, refuse_flags, run_cli, seed_everything, select_device)
 from common.second_order import second_order_meta_loss_func
 
 EXPERIMENT = "hypergrad_study"
@@ -598,17 +598,19 @@ def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.hypergrad_study", description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", help="problems to run (default: all found)")
-    parser.add_argument("--draws", type=int, default=64, help="hypergradients per setting (EvoGrad noise, instances)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting before the draws")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    parser.add_argument("--draws", type=positive(int), default=64, help="hypergradients per setting (EvoGrad noise, instances)")
+    parser.add_argument("--warmup", type=non_negative(int), default=1, help="untimed calls per setting before the draws")
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads (1: steadier timings)")
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
     parser.add_argument("--from-json", "--from_json", nargs="+", type=Path, metavar="STUDY_JSON",
                         help="only redraw the figures into --out from these study.json files (a later file's "
                              "problems replace an earlier file's)")
     add_common_args(parser, default_seeds=(0,), default_out="results/hypergrad_study")
+    refuse_flags(parser, "the study builds its own problems", "--data-root")
     args = parser.parse_args(argv)
-    if args.draws < 1 or args.warmup < 0 or args.threads < 1:
-        raise CLIError("--draws and --threads must be >= 1 and --warmup >= 0")
+    if len(args.seeds) > 1 and args.seed is None:
+        raise CLIError(f"the study runs one seed (its draws are the repetitions); got --seeds {args.seeds}: "
+                       "pass one --seed")
     if args.from_json:
         rows_by_problem = load_rows(args.from_json)
         out = Path(args.out)

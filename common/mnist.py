@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DataError(f"missing MNIST file {path}")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"corrupt MNIST file {path}: {err}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"corrupt MNIST file {path}: cannot decompress it ({type(err).__name__}: {err}); "
+                        "download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"corrupt MNIST file {path}: not an IDX file (bad magic number)")
     dtype_code, ndim = raw[2], raw[3]

@@ -6,13 +6,16 @@ Runs are grouped by (experiment, setting, method); every scalar metric and effic
 shown as mean ± std over seeds (sample std, n−1; "±0" for a single seed is shown as the value
 alone). The paper's numbers, where known, are read from one data file,
 ``common/paper_numbers.json`` (each experiment's entry with its source), and shown in rows
-marked "paper" right below ours. Every PNG under the folder is listed at the end.
+marked "paper" right below ours. Every PNG under the folder is listed at the end. A results file
+that cannot be read (malformed, truncated, not UTF-8, ``"metrics": null``) is named in a warning
+and skipped; a run found twice (same experiment, setting, method and seed) is counted once.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +48,22 @@ def load_paper_numbers(path: Path = PAPER_NUMBERS) -> dict:
 
 def _is_scalar(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def deduplicate(records: list[dict]) -> list[dict]:
+    """Keep one record per run (experiment, setting, method, seed): a run found twice (a copied
+    file, a folder reported with its parent) would otherwise count as two seeds. The first by path
+    is kept; each dropped copy is named in a warning on stderr."""
+    kept: dict[tuple, dict] = {}
+    for rec in records:
+        key = (rec["experiment"], rec.get("setting", ""), rec["method"], rec["seed"])
+        if key in kept:
+            print(f"warning: {rec.get('_path', 'a results file')} is the same run as "
+                  f"{kept[key].get('_path', 'another file')} (experiment {key[0]}, setting {key[1]!r}, "
+                  f"method {key[2]}, seed {key[3]}); counting it once", file=sys.stderr)
+            continue
+        kept[key] = rec
+    return list(kept.values())
 
 
 def build_report(records: list[dict], paper: dict, figures: Sequence[Path] = (), root: Path | None = None) -> str:
@@ -104,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise CLIError(str(err)) from None
     if not records:
         raise CLIError(f"no results files in {root}; run an experiment with --out {root} first")
+    records = deduplicate(records)
     figures = sorted(root.rglob("*.png"))
     text = build_report(records, load_paper_numbers(), figures, root)
     out = Path(args.output) if args.output else root / "report.md"

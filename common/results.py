@@ -216,8 +216,10 @@ def write_results(out_dir: str | Path, *, experiment: str, method: str, seed: in
 def load_results(folder: str | Path) -> list[dict]:
     """Every valid results file under ``folder`` (recursively), sorted by path.
 
-    Files that are not JSON objects with the required keys (checkpoints, reports, benchmark
-    outputs) are skipped.
+    JSON objects without the results keys (benchmark outputs, file lists, data stamps) are
+    skipped silently. A file that cannot be a results file's sound copy (not UTF-8, malformed or
+    truncated JSON, or a results record whose keys have the wrong types, ``"metrics": null``) is
+    skipped with a warning on stderr naming it, so that no run disappears unnoticed.
 
     Raises:
         ValueError: if ``folder`` does not exist.
@@ -227,14 +229,40 @@ def load_results(folder: str | Path) -> list[dict]:
         raise ValueError(f"results folder {folder} does not exist")
     records = []
     for path in sorted(folder.rglob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(record, dict) and all(k in record for k in REQUIRED_KEYS):
+        record, problem = _read_results_file(path)
+        if problem:
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        elif record is not None:
             record["_path"] = str(path)
             records.append(record)
     return records
+
+
+RESULTS_TYPES = {"experiment": str, "method": str, "seed": int, "config": dict, "metrics": dict, "efficiency": dict}
+
+
+def _read_results_file(path: Path) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a results file, ``(None, None)`` for other JSON, ``(None, why)`` if broken."""
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        return None, f"cannot read it ({err.strerror or err})"
+    except UnicodeDecodeError as err:
+        return None, f"not UTF-8 text (byte at offset {err.start})"
+    except json.JSONDecodeError as err:
+        return None, f"malformed or truncated JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+    if not isinstance(record, dict) or not {"experiment", "method", "seed", "metrics"} <= set(record):
+        return None, None
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        return None, f"results file without {missing}"
+    wrong = [f"{k} is {json.dumps(record[k])[:40]}" for k, kind in RESULTS_TYPES.items()
+             if not isinstance(record[k], kind) or (kind is int and isinstance(record[k], bool))]
+    if not isinstance(record.get("setting", ""), str):
+        wrong.append(f"setting is {json.dumps(record['setting'])[:40]}")
+    if wrong:
+        return None, "results file with " + ", ".join(wrong)
+    return record, None
 
 
 def save_checkpoint(path: str | Path, state: dict, config: dict) -> Path:

@@ -6,13 +6,13 @@ bad input ends with one clear line on stderr and exit status 2 instead of a trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int
     parser.add_argument("--quick", action="store_true", help="small run on the embedded default data")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto picks cuda when available")
-    parser.add_argument("--seed", type=int, default=None, help="run this one seed (overrides --seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(default_seeds),
+    parser.add_argument("--seed", type=non_negative(int), default=None, help="run this one seed (overrides --seeds)")
+    parser.add_argument("--seeds", type=non_negative(int), nargs="+", default=list(default_seeds),
                         help="seeds to run one after another")
     parser.add_argument("--data-root", default=None,
                         help="folder with the dataset files; default: the embedded offline data")
@@ -183,7 +183,7 @@ class DivergenceGuard:
                                   "stopped: the last good checkpoint is kept and no results file is written "
                                   "(lower the learning rate?)")
 
-    @contextmanager
+    @contextlib.contextmanager
     def step(self, epoch: int) -> Iterator[None]:
         """Count one step of ``epoch`` (1-based); turn a non-finite loss raised inside into the one line."""
         self.epoch = epoch
@@ -246,23 +246,90 @@ def import_experiment_modules(module_name: str) -> list[str]:
     return imported
 
 
-def positive(kind: type = float) -> Callable[[str], float]:
-    """argparse type for a strictly positive number."""
+def _number(kind: type, check: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """argparse type: parse ``kind``, then refuse values for which ``check`` is false."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; user-facing errors become one line on stderr and exit status 2."""
+def positive(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a strictly positive number (NaN is refused)."""
+    return _number(kind, lambda v: v > 0, "> 0")
+
+
+def non_negative(kind: type = float) -> Callable[[str], float]:
+    """argparse type for a number >= 0 (weight decay, momentum, a seed)."""
+    return _number(kind, lambda v: v >= 0, ">= 0")
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """argparse type for a number >= ``minimum`` (EvoGrad's K >= 2, a grid of >= 2 points)."""
+    return _number(kind, lambda v: v >= minimum, f">= {minimum}")
+
+
+def in_range(low: float, high: float, kind: type = float, high_open: bool = False) -> Callable[[str], float]:
+    """argparse type for a number in [low, high] (or [low, high) with ``high_open``)."""
+    return _number(kind, lambda v: low <= v and (v < high if high_open else v <= high),
+                   f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+class _Refused(argparse.Action):
+    """A flag that is parsed only to be refused with the reason (``refuse_flags``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not used here: {self.reason}")
+
+
+def refuse_flags(parser: argparse.ArgumentParser, reason: str, *flags: str) -> argparse.ArgumentParser:
+    """Refuse shared flags (from ``add_common_args``, ``add_estimator_args``) that an entry point
+    does not use: giving one is an argparse error naming it and ``reason``, instead of being ignored.
+    The flags leave ``--help`` and the parsed namespace."""
+    for flag in flags:
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            raise ValueError(f"{parser.prog} has no flag {flag}")
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for option in action.option_strings:
+            del parser._option_string_actions[option]
+        refused = parser.add_argument(*action.option_strings, action=_Refused, nargs="*",
+                                      default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        refused.reason = reason
+    return parser
+
+
+@contextlib.contextmanager
+def argparse_errors_as_cli_errors() -> Iterator[None]:
+    """Within the block, an argparse error (bad flag value, unknown flag) raises ``CLIError`` naming
+    the flag, instead of printing the usage block and exiting: ``run_cli`` then prints one line."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        raise CLIError(f"{parser.prog}: {message} (see --help)")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
     try:
-        main(argv)
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; user-facing errors, argparse's included, become one line on stderr and
+    exit status 2."""
+    try:
+        with argparse_errors_as_cli_errors():
+            main(argv)
     except (CLIError, RunFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

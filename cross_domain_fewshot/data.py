@@ -64,17 +64,27 @@ def read_file_list(path: str | Path, check_images: bool = True) -> FileList:
         raise DataError(f"file list {path} not found: expected <data-root>/<domain>/<split>.json with keys "
                         "label_names, image_names, image_labels (see cross_domain_fewshot/README.md)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"file list {path} is not UTF-8 text (byte at offset {err.start}); "
+                        "file lists are UTF-8 JSON") from None
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"file list {path} is not valid JSON ({err})") from None
     missing = [k for k in ("label_names", "image_names", "image_labels") if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise DataError(f"file list {path} lacks {missing}")
+    for key, kind, what in (("label_names", str, "strings"), ("image_names", str, "strings (image paths)"),
+                            ("image_labels", int, "integers")):
+        value = raw[key]
+        wrong = ([value] if not isinstance(value, list)
+                 else [x for x in value if not isinstance(x, kind) or isinstance(x, bool)])
+        if wrong:
+            raise DataError(f"file list {path}: {key} must be a list of {what}, found {wrong[0]!r}")
     names, labels = raw["image_names"], raw["image_labels"]
     if len(names) != len(labels) or not names:
         raise DataError(f"file list {path}: {len(names)} image_names but {len(labels)} image_labels")
     n_labels = len(raw["label_names"])
-    bad = [x for x in labels if not isinstance(x, int) or not 0 <= x < n_labels]
+    bad = [x for x in labels if not 0 <= x < n_labels]
     if bad:
         raise DataError(f"file list {path}: image_labels must be integers in [0, {n_labels}), got {bad[:3]}")
     image_paths = [(path.parent / n) for n in names]
@@ -192,16 +202,26 @@ class Episode:
     indices: list[list[int]]
 
 
+def episode_classes(file_list: FileList, n_way: int, n_shot: int, n_query: int) -> dict[int, list[int]]:
+    """{label: image indices} of the classes with at least ``n_shot + n_query`` images.
+
+    Raises:
+        DataError: if fewer than ``n_way`` classes have that many (no episode can be drawn).
+    """
+    per_class = n_shot + n_query
+    groups = {c: idx for c, idx in file_list.indices_by_class().items() if len(idx) >= per_class}
+    if len(groups) < n_way:
+        raise DataError(f"{file_list.path}: only {len(groups)} classes have >= {per_class} images "
+                        f"(--n-shot {n_shot} + --n-query {n_query}); {n_way}-way episodes need {n_way}")
+    return groups
+
+
 class EpisodeSampler:
     """n-way k-shot episodes with ``n_query`` queries per class from one file list."""
 
     def __init__(self, source: ImageSource, n_way: int, n_shot: int, n_query: int) -> None:
         self.source, self.n_way, self.n_shot, self.n_query = source, n_way, n_shot, n_query
-        per_class = n_shot + n_query
-        self.groups = {c: idx for c, idx in source.file_list.indices_by_class().items() if len(idx) >= per_class}
-        if len(self.groups) < n_way:
-            raise DataError(f"{source.file_list.path}: only {len(self.groups)} classes have >= {per_class} images "
-                            f"(n_shot + n_query), {n_way}-way episodes need {n_way}")
+        self.groups = episode_classes(source.file_list, n_way, n_shot, n_query)
 
     def sample(self, generator: torch.Generator) -> Episode:
         labels = sorted(self.groups)

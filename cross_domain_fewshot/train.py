@@ -33,10 +33,11 @@ from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import (load_checkpoint, note_resume, restore_states, resume_checkpoint, results_path,
                             save_checkpoint, write_results)
-from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_args, finished_runs, positive,
-                            prepare_out, progress, run_cli, seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_args, at_least, finished_runs,
+                            non_negative, positive, prepare_out, progress, run_cli, seed_everything, seeds_of,
+                            select_device)
 from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
-                                       domain_file_list, write_embedded_dataset)
+                                       domain_file_list, episode_classes, write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
 from cross_domain_fewshot.lft import (AUX_LOSSES, FWT_NOISE, META_ORDERS, METHODS, PAPER_METHODS, LFTTrainer,
                                       aux_weight_at, evaluate, fwt_scales, resolve_meta_order)
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes-per-epoch", type=positive(int), default=100, help="meta-iterations per epoch")
     parser.add_argument("--lr", type=positive(), default=1e-3, help="Adam lr of the model; EvoGrad sigma; virtual-step lr")
     parser.add_argument("--fwt-lr", type=positive(), default=1e-3, help="Adam lr of the FWT parameters")
-    parser.add_argument("--fwt-weight-decay", type=float, default=1e-8, help="Adam weight decay of the FWT parameters")
-    parser.add_argument("--n-candidates", type=positive(int), default=2, help="EvoGrad candidates K")
+    parser.add_argument("--fwt-weight-decay", type=non_negative(), default=1e-8, help="Adam weight decay of the FWT parameters")
+    parser.add_argument("--n-candidates", type=at_least(2), default=2, help="EvoGrad candidates K (>= 2)")
     parser.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature tau")
     parser.add_argument("--fwt-noise", default="independent", choices=FWT_NOISE,
                         help="independent: fresh FWT noise for the model step and every EvoGrad candidate "
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mlp: random-init 3-layer MLP head, eval mode, weight 0.9^(20*epoch//epochs) "
                              "(authors'); pretrained_linear: the pretraining linear head, train mode, "
                              "weight 1 - epoch/epochs")
-    parser.add_argument("--aux-weight", type=float, default=1.0,
+    parser.add_argument("--aux-weight", type=non_negative(), default=1.0,
                         help="scale of the auxiliary pretraining-class loss's scheduled weight (0: no auxiliary loss)")
     parser.add_argument("--aux-batch", type=positive(int), default=16, help="images per auxiliary batch")
     parser.add_argument("--relation-bn", default="batch", choices=RELATION_BN,
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-checkpoint", default="final", choices=["final", "best_val"],
                         help="model tested: the last epoch's (authors') or the best by miniImagenet val accuracy")
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=non_negative(int), default=0, help="torch CPU threads (0: leave torch's default)")
     return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
 
 
@@ -124,9 +125,27 @@ def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
         raise DataError(f"--data-root {args.data_root} is not a folder (expected <domain>/<split>.json inside)")
     else:
         args.resolved_data_root = args.data_root
+        check_file_lists(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return args
+
+
+def check_file_lists(args: argparse.Namespace) -> None:
+    """Read every file list the chosen stages will use, before any of them runs: a missing or
+    malformed list, or one with too few classes for an episode, is a DataError now rather than
+    after pretraining. The test split comes first."""
+    if args.stage in ("all", "eval"):
+        try:
+            episode_classes(domain_file_list(args.data_root, args.testset, "novel"), args.n_way, args.n_shot,
+                            args.test_queries)
+        except DataError as err:
+            raise DataError(f"{err} (lower --test-queries)") from None
+    if args.stage in ("all", "pretrain", "train"):
+        domain_file_list(args.data_root, PRETRAIN_DOMAIN, "base")
+    if args.stage in ("all", "train"):
+        for domain, split in [(d, "base") for d in DOMAINS if d != args.testset] + [(PRETRAIN_DOMAIN, "val")]:
+            episode_classes(domain_file_list(args.data_root, domain, split), args.n_way, args.n_shot, args.n_query)
 
 
 def setting_of(cfg: dict) -> str:
@@ -145,7 +164,8 @@ def sampler_for(cfg: dict, domain: str, split: str, augment: bool) -> EpisodeSam
 
 
 def check_test_split(cfg: dict) -> None:
-    """Stop before any work if the unseen domain's novel split cannot give the test episodes."""
+    """Stop before any work if the generated data's novel split cannot give the test episodes
+    (``check_file_lists`` does this for real data at parse time)."""
     source = ImageSource(domain_file_list(cfg["resolved_data_root"], cfg["testset"], "novel"),
                          ImageTransform(cfg["image_size"], False))
     try:
@@ -323,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finished = finished_runs([path for (method, _), path in result_of.items()
                               if (run_stage("pretrain") if method == PRETRAIN_METHOD else args.stage != "pretrain")],
                              args.resume, args.overwrite)
-    if run_stage("eval"):
+    if run_stage("eval") and args.data_root is None:
         check_test_split(cfg)
     for seed in seeds_of(args):
         seed_everything(seed)

@@ -22,8 +22,12 @@ from common.runtime import CLIError, run_cli
 
 def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
     """Draw both figures from ``results_file`` into ``out_dir``; return the PNG paths."""
-    record = json.loads(Path(results_file).read_text())
-    curves, paths = record["metrics"]["curves"], record["metrics"]["trajectories"]
+    try:
+        record = json.loads(Path(results_file).read_text(encoding="utf-8"))
+        curves, paths = record["metrics"]["curves"], record["metrics"]["trajectories"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CLIError(f"{results_file} is not an illustration_1d results file ({type(err).__name__}: {err}); "
+                       "rerun python -m illustration_1d.train") from None
     ks = list(curves["per_k"])
     lam, truth = np.array(curves["lambda"]), np.array(curves["truth"])
 

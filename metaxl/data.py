@@ -56,23 +56,29 @@ def read_panx(path: str | Path, lang: str | None = None) -> list[Sentence]:
     words: list[str] = []
     tags: list[str] = []
     prefix = f"{lang}:" if lang else None
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                if words:
-                    sentences.append((words, tags))
-                    words, tags = [], []
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[0] or parts[1] not in LABEL_TO_ID:
-                raise DataError(f"{path}:{lineno}: malformed line {line!r}; expected "
-                                f"'lang:token<TAB>tag' with tag in {list(LABELS)}")
-            token = parts[0][len(prefix):] if prefix and parts[0].startswith(prefix) else parts[0]
-            if not token:
-                raise DataError(f"{path}:{lineno}: empty token in line {line!r}")
-            words.append(token)
-            tags.append(parts[1])
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw_bytes[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw_bytes[err.start]:02x} at offset {err.start}); "
+                        "PAN-X files are UTF-8") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0] or parts[1] not in LABEL_TO_ID:
+            raise DataError(f"{path}:{lineno}: malformed line {line!r}; expected "
+                            f"'lang:token<TAB>tag' with tag in {list(LABELS)}")
+        token = parts[0][len(prefix):] if prefix and parts[0].startswith(prefix) else parts[0]
+        if not token:
+            raise DataError(f"{path}:{lineno}: empty token in line {line!r}")
+        words.append(token)
+        tags.append(parts[1])
     if words:
         sentences.append((words, tags))
     if not sentences:

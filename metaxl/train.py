@@ -24,8 +24,9 @@ from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
-                            progress, run_cli, seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
+                            non_negative, positive, prepare_out, progress, run_cli, seed_everything, seeds_of,
+                            select_device)
 from metaxl.data import (SUBSAMPLING, build_vocab, cycle_batches, encode, epoch_batches, load_language, split_batch,
                          subsample, write_synthetic_panx)
 from metaxl.model import (CANDIDATE_ENCODER, METHODS, OPTIMIZERS, TINY, TINY_LAYERS, RepresentationTransformation,
@@ -50,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--subsample", default="random", choices=SUBSAMPLING,
                    help="how --train_size / --target_train_size sentences are picked: a random draw seeded with "
                         "--data_seed (the MetaXL code) or the first ones in the file")
-    p.add_argument("--data_seed", type=int, default=42, help="seed of the random subsample (same for every --seed)")
+    p.add_argument("--data_seed", type=non_negative(int), default=42,
+                   help="seed of the random subsample (same for every --seed)")
     p.add_argument("--target_split", default="half", choices=("half", "independent"),
                    help="half: one target batch per iteration, its first half in L_train and the rest as the meta "
                         "batch (the MetaXL code, --portion 2); independent: two separate full target batches")
@@ -58,10 +60,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="main model optimiser: adam (weight decay coupled into the gradient, the MetaXL code) "
                         "or adamw (decoupled)")
     p.add_argument("--lr", type=positive(), default=3e-5, help="main model learning rate")
-    p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear lr warm-up")
-    p.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay of the main model")
+    p.add_argument("--warmup_ratio", type=in_range(0, 1, high_open=True), default=0.1,
+                   help="share of steps with linear lr warm-up, in [0, 1)")
+    p.add_argument("--weight_decay", type=non_negative(), default=5e-4, help="weight decay of the main model")
     p.add_argument("--meta_lr", type=positive(), default=1e-6, help="RTN learning rate (Adam)")
-    p.add_argument("--meta_weight_decay", type=float, default=5e-4, help="RTN weight decay (Adam, coupled)")
+    p.add_argument("--meta_weight_decay", type=non_negative(), default=5e-4, help="RTN weight decay (Adam, coupled)")
     p.add_argument("--meta_schedule", default="warmup_linear", choices=("warmup_linear", "constant"),
                    help="RTN lr schedule: the main model's warm-up and linear decay (the MetaXL code) or constant")
     p.add_argument("--epochs", type=positive(int), default=20, help="passes over the source sentences")
@@ -69,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval_max_seq_length", type=positive(int), default=512, help="sub-tokens per eval sentence")
     p.add_argument("--eval_batch_size", type=positive(int), default=32, help="sentences per evaluation batch")
     p.add_argument("--bottle_size", type=positive(int), default=384, help="RTN bottleneck width")
-    p.add_argument("--transfer_layer", type=int, default=12,
+    p.add_argument("--transfer_layer", type=non_negative(int), default=12,
                    help="RTN acts on hidden states after this layer (0 = embeddings; tiny has 4 layers)")
     p.add_argument("--max_grad_norm", type=positive(), default=10.0, help="gradient clipping of the main model")
     p.add_argument("--metaxl_estimator", default="second_order",
@@ -77,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="hypergradient of 'metaxl' (virtual step of the whole model)")
     p.add_argument("--evograd_estimator", default="evograd", choices=sorted(k for k in ESTIMATORS if k.startswith("evograd")),
                    help="EvoGrad variant of 'metaxl_evograd' (head only)")
-    p.add_argument("--n_candidates", type=int, default=2, help="EvoGrad candidates K")
+    p.add_argument("--n_candidates", type=at_least(2), default=2, help="EvoGrad candidates K (>= 2)")
     p.add_argument("--sigma", type=positive(), default=1e-3, help="EvoGrad perturbation scale")
     p.add_argument("--temperature", type=positive(), default=0.05, help="EvoGrad softmax temperature")
     p.add_argument("--candidate_encoder", default="per_candidate", choices=CANDIDATE_ENCODER,
@@ -89,13 +92,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:  # quick values become defaults, so flags given explicitly still win
         p.set_defaults(**QUICK, targets=[args.targets[0]])
         args = p.parse_args(argv)
-    if not 0 <= args.warmup_ratio < 1:
-        raise CLIError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.n_candidates < 2:
-        raise CLIError(f"--n_candidates must be >= 2, got {args.n_candidates}")
-    for flag in ("weight_decay", "meta_weight_decay"):
-        if getattr(args, flag) < 0:
-            raise CLIError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.target_split == "half" and args.batch_size < 2:
         raise CLIError(f"--target_split half needs --batch_size >= 2 (got {args.batch_size}); "
                        "use --target_split independent for batches of one sentence")
@@ -111,6 +107,12 @@ def load_data(args: argparse.Namespace, target: str, scratch: Path) -> dict:
         root = write_synthetic_panx(scratch / target, args.source, target, sizes)
     source = load_language(root, args.source, ("train",))
     target_splits = load_language(root, target)
+    for flag, lang, asked, have in (("--train_size", args.source, args.train_size, len(source["train"])),
+                                    ("--target_train_size", target, args.target_train_size,
+                                     len(target_splits["train"]))):
+        if asked > have:
+            raise CLIError(f"{flag} {asked} is larger than the {have} training sentences of {lang} in "
+                           f"{args.data_root}; pass {flag} {have} or less")
     how, seed = getattr(args, "subsample", "first"), getattr(args, "data_seed", 42)  # older checkpoints: first
     return {"lang": target, "source": subsample(source["train"], args.train_size, how, seed),
             "target": subsample(target_splits["train"], args.target_train_size, how, seed),
@@ -249,11 +251,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     finished = finished_runs([results_path(out, "metaxl", setting_of[t], m, s) for t in args.targets
                               for s in seeds_of(args) for m in args.methods], args.resume, args.overwrite)
     with tempfile.TemporaryDirectory(prefix="metaxl_synthetic_") as scratch:
-        for target in args.targets:
-            setting = setting_of[target]
-            todo = [(s, m) for s in seeds_of(args) for m in args.methods
-                    if results_path(out, "metaxl", setting, m, s) not in finished]
-            data = load_data(args, target, Path(scratch)) if todo else None
+        todo_of = {target: [(s, m) for s in seeds_of(args) for m in args.methods
+                            if results_path(out, "metaxl", setting_of[target], m, s) not in finished]
+                   for target in args.targets}
+        # every target's data is read (and checked) before the first one trains
+        data_by_target = {target: load_data(args, target, Path(scratch)) for target in args.targets if todo_of[target]}
+        for target, data in data_by_target.items():
+            setting, todo = setting_of[target], todo_of[target]
             for seed in seeds_of(args):
                 records = {}
                 for method in (m for s, m in todo if s == seed):

@@ -37,7 +37,7 @@ from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, finished_runs, positive, prepare_out,
+from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, positive, prepare_out,
                             progress, run_cli, seed_everything, seeds_of, select_device)
 from rotation.data import (FILLS, INTERPOLATIONS, RotationData, batches, cycle_batches, load_rotation_data,
                            rotate_dataset)
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive(int), default=128, help="training and validation batch size")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate of LeNet")
     parser.add_argument("--meta-lr", type=positive(float), default=1e-2, help="Adam learning rate of the angle (radians)")
-    parser.add_argument("--k", "--n-candidates", type=int, default=2, help="EvoGrad: number of model candidates K (>= 2)")
+    parser.add_argument("--k", "--n-candidates", type=at_least(2), default=2, help="EvoGrad: number of model candidates K (>= 2)")
     parser.add_argument("--sigma", type=positive(float), default=1e-3, help="EvoGrad: perturbation scale σ")
     parser.add_argument("--temperature", type=positive(float), default=0.05, help="EvoGrad: softmax temperature τ")
     parser.add_argument("--noise", default="sign", choices=["sign", "gaussian"], help="EvoGrad: perturbation kind")
@@ -248,11 +248,10 @@ def check_shardable(data: RotationData, batch_size: int) -> None:
 def run(args: argparse.Namespace, device: torch.device) -> None:
     """Every (method, seed) run of ``args``; under torchrun only rank 0 prints and writes."""
     log = print if is_main_process() else (lambda *_: None)
-    if args.k < 2:
-        raise CLIError(f"--k must be >= 2, got {args.k}")
     if args.quick and args.data_root is not None:
         raise CLIError("--quick runs on the embedded MNIST subset; leave out --data-root (or --quick)")
-    seeds = seeds_of(args)[:1] if args.quick else seeds_of(args)
+    asked_seeds = args.seed is not None or args.seeds != list(PAPER_SEEDS)
+    seeds = seeds_of(args)[:1] if args.quick and not asked_seeds else seeds_of(args)  # --quick: one seed unless asked
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from common import mnist
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import meta_backward
-from common.runtime import CLIError, DataError
+from common.runtime import DataError, run_cli
 from rotation import train
 from rotation.bench import make_step
 from rotation.data import BACKGROUND, FILLS, load_rotation_data, rotate_dataset, split_bounds
@@ -299,6 +299,7 @@ def test_summary_table_mean_and_sample_std():
     assert "| s | evograd | 2 | 98.00 ± 1.41 | – | 30.00 ± 0.00 | 0.5000 | – |" in summary_table(runs)
 
 
-def test_cli_error_for_k_below_two():
-    with pytest.raises(CLIError, match="--k"):
-        train.main(["--k", "1"])
+def test_cli_error_for_k_below_two(capsys):
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, ["--k", "1"])
+    assert done.value.code == 2 and "--k/--n-candidates: must be >= 2" in capsys.readouterr().err
