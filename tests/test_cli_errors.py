@@ -40,7 +40,7 @@ CASES = [
     ("illustration_1d.train", ["--temperature", "1e9"], 2, ["--temperature", "[1e-06, 1e+06]"]),
     ("illustration_1d.train", ["--sigma", "1000", "--temperature", "0.01"], 2,
      ["K = 2", "Pearson r is undefined", "nothing was written"]),
-    ("illustration_1d.train", ["--resume"], 2, ["--resume is not used"]),
+    ("illustration_1d.train", ["--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
     ("illustration_1d.train", ["--data-root", "{tmp}"], 2, ["--data-root is not used"]),
     ("illustration_1d.train", ["--seed", "-1"], 2, ["--seed", "must be >= 0"]),
     ("illustration_1d.eval", ["--results-file", "{tmp}/results_metrics_null/toy_evograd_seed2.json"], 2,
@@ -96,7 +96,7 @@ CASES = [
     ("metaxl.train", ["--quick", "--warmup_ratio", "1"], 2, ["--warmup_ratio", "in [0, 1)"]),
     # --- the hypergradient study: shared flags it does not use
     ("common.hypergrad_study", ["--quick", "--seeds", "1", "2"], 2, ["one seed", "--seeds [1, 2]"]),
-    ("common.hypergrad_study", ["--quick", "--resume"], 2, ["--resume is not used"]),
+    ("common.hypergrad_study", ["--quick", "--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
     ("common.hypergrad_study", ["--quick", "--data-root", "{tmp}"], 2, ["--data-root is not used"]),
     ("common.hypergrad_study", ["--quick", "--draws", "0"], 2, ["--draws", "must be > 0"]),
     # --- benchmarks: every request checked before the first runs

@@ -377,7 +377,7 @@ def test_train_help_and_bad_arguments_exit_2(capsys, tmp_path):
                           (["--quick", "--data-root", str(tmp_path / "no_panx")], "not found"),
                           (["--quick", "--warmup_ratio", "1.5"], "warmup_ratio"),
                           (["--quick", "--batch_size", "1"], "--target_split half needs --batch_size >= 2"),
-                          (["--quick", "--meta_weight_decay", "-1"], "--meta_weight_decay must be >= 0")):
+                          (["--quick", "--meta_weight_decay", "-1"], "--meta_weight_decay: must be >= 0")):
         with pytest.raises(SystemExit) as bad_exit:
             run_cli(metaxl_train.main, [*argv, "--out", str(tmp_path)])
         err = capsys.readouterr().err
