@@ -46,7 +46,7 @@ from common.implicit import implicit_hypergrad, sama_hypergrad
 from common.runtime import positive
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
-EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device")
+EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device", "candidates_in_float32")
 SECOND_ORDER_OPTIONS = ("inner_lr", "inner_steps")
 FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
 MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
