@@ -259,7 +259,9 @@ def evograd_meta_loss(
             the validation pass keeps the caller's autocast. The K candidates differ by σ·‖∇ℓ‖,
             near bfloat16's resolution: in bfloat16 the differences of their gradients w.r.t. λ,
             which make the hypergradient, are mostly rounding (common/HYPERGRAD_STUDY.md,
-            "Reduced precision"). No effect outside autocast.
+            "Reduced precision"). No effect outside autocast. Call ``.backward()`` on the result
+            outside autocast too (PyTorch's advice; ``meta_backward`` does): a backward pass run
+            under a CPU autocast recasts the float32 candidate graphs' backward ops to bfloat16.
 
     Returns:
         L_val(θ*) (a scalar tensor), or an ``EvoGradOutput`` if ``return_diagnostics``.
@@ -379,7 +381,8 @@ def evograd_hypergrad_low_memory(
         with candidate_precision(candidates_in_float32):
             loss = scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
         del candidate
-        grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
+        with full_precision():  # backward outside autocast (on CPU it would recast the float32 graph)
+            grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
         losses.append(loss.detach())
         loss_grads.append([torch.zeros_like(h) if g is None else g for g, h in zip(grads, hyperparams)])
         del loss, grads
@@ -392,7 +395,8 @@ def evograd_hypergrad_low_memory(
     val_loss = scalar_loss(val_loss_fn(merged), "val_loss_fn")
     check_finite_losses(torch.cat([losses_t, val_loss.detach().reshape(1)]),  # the step's one host read
                         [f"train_loss_fn (candidate {k})" for k in range(n_candidates)] + ["val_loss_fn"])
-    grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
+    with full_precision():
+        grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
     grad_merged, grad_direct = grads[: len(merged)], grads[len(merged):]
 
     with torch.no_grad():

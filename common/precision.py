@@ -134,11 +134,16 @@ class Precision:
 
 
 def backward(loss: Tensor, **kwargs) -> None:
-    """``loss.backward(**kwargs)``, scaled by the active iteration's gradient scaler (fp16) if any."""
+    """``loss.backward(**kwargs)`` outside autocast, scaled by the active iteration's gradient scaler (fp16) if any.
+
+    Backward ops run in the dtypes their forward ops had (PyTorch's advice: no backward under
+    autocast; on CPU a backward under autocast recasts float32 graphs' ops).
+    """
     precision = _ACTIVE.get()
     if precision is not None and precision.scaler.is_enabled():
         loss = precision.scaler.scale(loss)
-    loss.backward(**kwargs)
+    with full_precision():
+        loss.backward(**kwargs)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
@@ -153,6 +158,16 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         return
     precision.scaler.step(optimizer)
     precision._stepped = True
+
+
+def unscale_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Divide ``optimizer``'s gradients by the active fp16 scale now (before clipping them); else nothing.
+
+    ``optimizer_step`` then does not divide them again.
+    """
+    precision = _ACTIVE.get()
+    if precision is not None and precision.scaler.is_enabled():
+        precision.scaler.unscale_(optimizer)
 
 
 def add_amp_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
