@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from common import precision
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
+from common.hypergrad import meta_backward
 from common.precision import Precision, autocast, backward, check_amp, full_precision, optimizer_step
 from common.runtime import run_cli
 
@@ -113,11 +114,14 @@ def _film_problem():
         (lambda p: F.cross_entropy(forward(p, vx), vy))
 
 
-def _evograd_grad(amp: str, in_float32: bool, seed: int, low_memory: bool) -> torch.Tensor:
+def _evograd_grad(amp: str, in_float32: bool, seed: int, low_memory: bool | str) -> torch.Tensor:
     params, scale, train_fn, val_fn = _film_problem()
     gen = torch.Generator().manual_seed(seed)
     options = dict(n_candidates=2, sigma=1e-3, temperature=0.05, generator=gen, candidates_in_float32=in_float32)
-    if low_memory:
+    if low_memory == "meta_backward":  # the whole meta step inside autocast, as the trainers run it
+        with autocast(amp, "cpu"):
+            meta_backward("evograd", params, [scale], train_fn, val_fn, **options)
+    elif low_memory:
         with autocast(amp, "cpu"):
             evograd_hypergrad_low_memory(params, [scale], train_fn, val_fn, **options)
     else:
@@ -127,7 +131,7 @@ def _evograd_grad(amp: str, in_float32: bool, seed: int, low_memory: bool) -> to
     return scale.grad
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("low_memory", [False, True, "meta_backward"])
 def test_float32_candidates_keep_evograd_signal_under_bf16(low_memory):
     """With candidates in float32 the bf16 hypergradient has cosine > 0.9999 with the float32 one, every draw."""
     cos_fixed, cos_plain = [], []
