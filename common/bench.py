@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from common.precision import AMP_MODES, Precision
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
 from common.runtime import CLIError, import_experiment_modules, prepare_out_file, run_cli, select_device
@@ -94,10 +95,22 @@ def discover() -> dict[str, Benchmark]:
     return importlib.import_module("common.bench").REGISTRY
 
 
+def under_precision(step: Callable[[], None], amp: str, device: torch.device) -> Callable[[], None]:
+    """``step`` run as one ``common.precision`` iteration: autocast under ``amp``, fp16's gradient scaler."""
+    if amp == "none":
+        return step
+    precision = Precision(amp, device)
+
+    def step_under_amp() -> None:
+        with precision.iteration():
+            step()
+    return step_under_amp
+
+
 def time_methods(bench: Benchmark, config: dict, methods: Sequence[str], device: torch.device,
-                 warmup: int, reps: int) -> dict[str, list[float]]:
+                 warmup: int, reps: int, amp: str = "none") -> dict[str, list[float]]:
     """Seconds per step of each method, interleaved: every round runs every method once."""
-    steps = {m: bench.make_step(m, config, device) for m in methods}
+    steps = {m: under_precision(bench.make_step(m, config, device), amp, device) for m in methods}
     for m in methods:
         for _ in range(warmup):
             steps[m]()
@@ -115,10 +128,11 @@ def time_methods(bench: Benchmark, config: dict, methods: Sequence[str], device:
     return times
 
 
-def memory_worker(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int) -> dict:
+def memory_worker(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int,
+                  amp: str = "none") -> dict:
     """Run in a fresh process: peak memory of ``steps`` meta steps of one method."""
     bench = discover()[name]
-    step = bench.make_step(method, config, device)
+    step = under_precision(bench.make_step(method, config, device), amp, device)
     meter = EfficiencyMeter(device, warmup=warmup)
     for _ in range(warmup + steps):
         with meter.step():
@@ -128,10 +142,11 @@ def memory_worker(name: str, config: dict, method: str, device: torch.device, wa
     return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "solo_time_s": meter.summary()["meta_step_s"]}
 
 
-def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int) -> dict:
+def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int,
+                   amp: str = "none") -> dict:
     """Peak memory of one method, measured in its own process."""
     cmd = [sys.executable, "-m", "common.bench", "--memory-worker", name, json.dumps(config), method,
-           "--device", device.type, "--warmup", str(warmup), "--reps", str(steps)]
+           "--device", device.type, "--warmup", str(warmup), "--reps", str(steps), "--amp", amp]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -164,7 +179,8 @@ def format_table(rows: list[dict], reference: str) -> str:
 
 
 def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[str], device: torch.device,
-                  warmup: int, reps: int, memory: bool, mem_steps: int, timing: bool = True) -> list[dict]:
+                  warmup: int, reps: int, memory: bool, mem_steps: int, timing: bool = True,
+                  amp: str = "none") -> list[dict]:
     """Time and/or memory of ``methods`` for each config; prints a table per config.
 
     ``timing=False`` skips the one process that holds every method (for configs where all
@@ -172,18 +188,19 @@ def run_benchmark(bench: Benchmark, configs: Sequence[dict], methods: Sequence[s
     """
     results = []
     for config in configs:
-        times = time_methods(bench, config, methods, device, warmup, reps) if timing else {}
+        times = time_methods(bench, config, methods, device, warmup, reps, amp) if timing else {}
         rows = []
         for m in methods:
             row = {"benchmark": bench.name, "config": config, "method": m,
                    "time_s": statistics.mean(times[m]) if timing else None,
                    "time_std_s": (statistics.stdev(times[m]) if len(times[m]) > 1 else 0.0) if timing else None,
-                   "reps": reps if timing else 0, "device": str(device)}
+                   "reps": reps if timing else 0, "device": str(device), "amp": amp}
             if memory:
-                row.update(measure_memory(bench.name, config, m, device, warmup, mem_steps))
+                row.update(measure_memory(bench.name, config, m, device, warmup, mem_steps, amp))
             rows.append(row)
         how = f"{reps} interleaved reps" if timing else f"each method alone, {mem_steps} measured steps"
-        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, {how}, ratios to {bench.reference})\n")
+        precision = "" if amp == "none" else f", autocast {amp}"
+        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}{precision}, {how}, ratios to {bench.reference})\n")
         print(format_table(rows, bench.reference), flush=True)
         results.extend(rows)
     return results
@@ -227,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "process, which also reports its own (not interleaved) seconds per step; for "
                              "configs too big for all methods in one process")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=list(AMP_MODES),
+                        help="mixed precision of every step: torch.autocast in bf16/fp16 (fp16: gradient scaler on "
+                             "the base model's step), as the trainers' --amp")
     parser.add_argument("--out", help="write all rows to this JSON file")
     parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
                         help=argparse.SUPPRESS)
@@ -241,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.memory_worker:
         name, config, method = args.memory_worker
-        print(json.dumps(memory_worker(name, json.loads(config), method, device, args.warmup, args.reps)))
+        print(json.dumps(memory_worker(name, json.loads(config), method, device, args.warmup, args.reps, args.amp)))
         return
 
     registry = discover()
@@ -259,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     all_rows = []
     for bench, methods, configs in plan:
         all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
-                                  not args.no_memory, args.mem_steps, timing=not args.no_time)
+                                  not args.no_memory, args.mem_steps, timing=not args.no_time, amp=args.amp)
     if args.out:
         atomic_write_json(args.out, {"rows": all_rows, "env": env_info(), "argv": list(argv or sys.argv[1:])})
 

@@ -36,6 +36,7 @@ so on a GPU the K candidates run without waiting for each other.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from common.distributed import broadcast_seeds, data_parallel, mark_gradient_summed_elsewhere, sum_over_ranks
+from common.precision import full_precision
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -202,6 +204,7 @@ def evograd_meta_loss(
     return_diagnostics: bool = False,
     batch_candidates: bool = False,
     noise_device: torch.device | str | None = None,
+    candidates_in_float32: bool = True,
 ) -> Tensor | EvoGradOutput:
     """Validation loss at the EvoGrad-merged parameters, differentiable w.r.t. hyperparameters.
 
@@ -251,6 +254,14 @@ def evograd_meta_loss(
         batch_candidates: run the K candidate passes as one ``torch.func.vmap`` (see above).
         noise_device: draw ε_k on this device and move it to θ's (``"cpu"`` makes CPU and CUDA
             runs with the same generator use the same noise); default: on θ's own device.
+        candidates_in_float32: under ``torch.autocast``, run the K candidate passes (forward, and
+            so their backward) with autocast off, in float32 (``common.precision.full_precision``);
+            the validation pass keeps the caller's autocast. The K candidates differ by σ·‖∇ℓ‖,
+            near bfloat16's resolution: in bfloat16 the differences of their gradients w.r.t. λ,
+            which make the hypergradient, are mostly rounding (common/HYPERGRAD_STUDY.md,
+            "Reduced precision"). No effect outside autocast. Call ``.backward()`` on the result
+            outside autocast too (PyTorch's advice; ``meta_backward`` does): a backward pass run
+            under a CPU autocast recasts the float32 candidate graphs' backward ops to bfloat16.
 
     Returns:
         L_val(θ*) (a scalar tensor), or an ``EvoGradOutput`` if ``return_diagnostics``.
@@ -260,15 +271,16 @@ def evograd_meta_loss(
             non-finite loss, or (``batch_candidates``) a ``train_loss_fn`` that vmap cannot run.
     """
     base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device)
-    if batch_candidates:
-        losses_t = _batched_candidate_losses(base, noise_spec, train_loss_fn)
-    else:
-        losses = []
-        for k in range(n_candidates):
-            candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
-            losses.append(scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})"))
-            del candidate
-        losses_t = torch.stack(losses)
+    with candidate_precision(candidates_in_float32):
+        if batch_candidates:
+            losses_t = _batched_candidate_losses(base, noise_spec, train_loss_fn)
+        else:
+            losses = []
+            for k in range(n_candidates):
+                candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
+                losses.append(scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})"))
+                del candidate
+            losses_t = torch.stack(losses)
     if not losses_t.requires_grad:
         raise ValueError(
             "train_loss_fn does not depend on any tensor that requires grad, so no hyperparameter "
@@ -280,6 +292,11 @@ def evograd_meta_loss(
     if return_diagnostics:
         return EvoGradOutput(val_loss, losses_t.detach(), weights.detach())
     return val_loss
+
+
+def candidate_precision(in_float32: bool):
+    """``full_precision()`` (autocast off) if ``in_float32``, else a context that changes nothing."""
+    return full_precision() if in_float32 else contextlib.nullcontext()
 
 
 # Set while ``train_loss_fn`` runs under vmap over candidates: ``functional_forward`` then keeps
@@ -324,6 +341,7 @@ def evograd_hypergrad_low_memory(
     noise: str = "sign",
     generator: torch.Generator | None = None,
     noise_device: torch.device | str | None = None,
+    candidates_in_float32: bool = True,
 ) -> EvoGradOutput:
     """EvoGrad hypergradient with one candidate graph alive at a time; accumulates into ``.grad``.
 
@@ -341,7 +359,7 @@ def evograd_hypergrad_low_memory(
         params: θ, dict of tensors. Detached inside.
         hyperparams: the λ tensors to receive gradients (``requires_grad=True``).
         train_loss_fn, val_loss_fn, n_candidates, sigma, temperature, noise, generator,
-            noise_device: as in ``evograd_meta_loss``.
+            noise_device, candidates_in_float32: as in ``evograd_meta_loss``.
 
     Returns:
         ``EvoGradOutput`` with the detached validation loss, candidate losses and weights.
@@ -360,9 +378,11 @@ def evograd_hypergrad_low_memory(
     losses, loss_grads = [], []  # loss_grads[k][i] = ∂ℓ_k/∂λ_i
     for k in range(n_candidates):
         candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
-        loss = scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
+        with candidate_precision(candidates_in_float32):
+            loss = scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
         del candidate
-        grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
+        with full_precision():  # backward outside autocast (on CPU it would recast the float32 graph)
+            grads = torch.autograd.grad(loss, hyperparams, allow_unused=True)
         losses.append(loss.detach())
         loss_grads.append([torch.zeros_like(h) if g is None else g for g, h in zip(grads, hyperparams)])
         del loss, grads
@@ -375,7 +395,8 @@ def evograd_hypergrad_low_memory(
     val_loss = scalar_loss(val_loss_fn(merged), "val_loss_fn")
     check_finite_losses(torch.cat([losses_t, val_loss.detach().reshape(1)]),  # the step's one host read
                         [f"train_loss_fn (candidate {k})" for k in range(n_candidates)] + ["val_loss_fn"])
-    grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
+    with full_precision():
+        grads = torch.autograd.grad(val_loss, [*merged.values(), *hyperparams], allow_unused=True)
     grad_merged, grad_direct = grads[: len(merged)], grads[len(merged):]
 
     with torch.no_grad():

@@ -43,10 +43,11 @@ from common.distributed import data_parallel
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.implicit import implicit_hypergrad, sama_hypergrad
+from common.precision import full_precision
 from common.runtime import positive
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
-EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device")
+EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device", "candidates_in_float32")
 SECOND_ORDER_OPTIONS = ("inner_lr", "inner_steps")
 FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
 MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
@@ -70,7 +71,8 @@ def non_negative(kind: type = float) -> Callable[[str], float]:
 
 def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
     out = evograd_meta_loss(params, train_loss_fn, val_loss_fn, return_diagnostics=True, **options)
-    out.val_loss.backward(inputs=list(hyperparams))
+    with full_precision():  # backward outside autocast (common.precision)
+        out.val_loss.backward(inputs=list(hyperparams))
     return out.val_loss.item()
 
 
@@ -87,7 +89,8 @@ def _backward_through(meta_loss_fn: Callable[..., Tensor]) -> Callable[..., floa
     """Estimator that builds ``meta_loss_fn``'s differentiable L_val and backpropagates it into λ."""
     def estimate(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
         loss = meta_loss_fn(params, train_loss_fn, val_loss_fn, **options)
-        loss.backward(inputs=list(hyperparams))
+        with full_precision():  # backward outside autocast (common.precision)
+            loss.backward(inputs=list(hyperparams))
         return loss.item()
     estimate.__doc__ = f"``{meta_loss_fn.__name__}(...).backward()`` into the hyperparameters."
     return estimate

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
+from common.precision import backward, optimizer_step
 from common.runtime import check_finite
 from cross_domain_fewshot.models import (SOFTPLUS_BETA, FewShotModel, episode_labels, eval_mode, feature_transform,
                                          is_fwt_param)
@@ -166,15 +167,15 @@ class LFTTrainer:
         check_finite(model_loss, self.steps, "model loss")
         if use_aux and self.aux_mode == "train":
             aux_loss = self.aux_loss(*aux_batch)
-        (model_loss + aux_weight * aux_loss).backward()
+        backward(model_loss + aux_weight * aux_loss)  # scaled under --amp fp16 (common.precision)
         out = {"model_loss": model_loss.item(), "aux_loss": aux_loss.item()}
         model_step_first = use_fwt and self.meta_order == "after"
         if model_step_first:
-            self.model_optim.step()
+            optimizer_step(self.model_optim)
         if use_fwt:
             out.update(self.meta_step(seen, unseen, n_shot, seed))
         if not model_step_first:
-            self.model_optim.step()
+            optimizer_step(self.model_optim)
         if use_fwt:
             self.fwt_optim.step()
         self.steps += 1

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.plotting import save_figure
+from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
 from common.results import (load_checkpoint, note_resume, restore_states, resume_checkpoint, results_path,
                             save_checkpoint, write_results)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model tested: the last epoch's (authors') or the best by miniImagenet val accuracy")
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
     parser.add_argument("--threads", type=non_negative(int), default=0, help="torch CPU threads (0: leave torch's default)")
+    add_amp_arg(parser)  # --amp none|bf16|fp16 (common.precision): pretraining and meta-training
     return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
 
 
@@ -201,17 +203,18 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
         start, history = state["epoch"], state["history"]
     steps_per_epoch = math.ceil(len(file_list.labels) / cfg["pretrain_batch"])
     meter = EfficiencyMeter(device)
+    precision = Precision(cfg["amp"], device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard(EXPERIMENT, PRETRAIN_METHOD, seed, [net], steps_done=start * steps_per_epoch)
     for epoch in progress(range(start, cfg["pretrain_epochs"]), desc="pretrain"):
         correct = total_loss = 0.0
         for _ in range(steps_per_epoch):
             images, labels = (t.to(device) for t in batches.sample(generator))
-            with guard.step(epoch + 1), meter.step():
+            with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 logits = net(images)
                 loss = F.cross_entropy(logits, labels)
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
+                backward(loss)
+                optimizer_step(optim)
             guard.check(training_loss=loss)
             total_loss += loss.item()
             correct += (logits.argmax(1) == labels).float().mean().item()
@@ -260,6 +263,7 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     aux_batches = BatchSampler(aux_source, cfg["aux_batch"])
     val_sampler = sampler_for(cfg, PRETRAIN_DOMAIN, "val", False)
     meter = EfficiencyMeter(device)
+    precision = Precision(cfg["amp"], device)
     guard = DivergenceGuard(EXPERIMENT, method, seed, [model, aux_classifier],
                             steps_done=start * cfg["episodes_per_epoch"])
     for epoch in progress(range(start, cfg["epochs"]), desc=method):
@@ -271,7 +275,7 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
             seen_ep = pseudo_seen.sample(data_gen).images.to(device)
             unseen_ep = pseudo_unseen.sample(data_gen).images.to(device)
             aux = tuple(t.to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
-            with guard.step(epoch + 1), meter.step():
+            with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 losses = trainer.step(seen_ep, unseen_ep, cfg["n_shot"], aux, aux_weight)
             guard.check(**losses)
             for k, v in losses.items():

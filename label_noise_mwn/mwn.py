@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from common.evograd import effective_inner_lr, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
+from common.precision import backward, optimizer_step
 from label_noise_mwn.models import CifarResNet, VNet, normalize_over_batch, weighted_loss
 
 # the method names, and the estimator each runs in the meta step (None: no meta step)
@@ -124,8 +125,8 @@ def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.opti
             weights = normalize_over_batch(raw)
         loss = (losses * weights).sum()
     model_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    model_optimizer.step()
+    backward(loss)  # scaled under --amp fp16 (common.precision)
+    optimizer_step(model_optimizer)
     return loss.item(), losses.detach().mean(), raw
 
 

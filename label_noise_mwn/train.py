@@ -21,6 +21,7 @@ import torch
 
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
+from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
@@ -49,6 +50,7 @@ QUICK = {"dataset": "mnist", "data_root": None, "corruption_type": "unif", "corr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.train", description=__doc__.split("\n")[0])
     add_common_args(parser, default_seeds=(1,), default_out=f"results/{EXPERIMENT}")
+    add_amp_arg(parser)  # --amp none|bf16|fp16 (common.precision)
     parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=method_choices(),
                         metavar="METHOD", help=f"methods to run, from {method_choices()}")
     parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "mnist"],
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
     noisy = split.train_labels != split.clean_labels
     meter = EfficiencyMeter(device, warmup=1)  # first iteration: allocator and thread-pool warm-up
+    precision = Precision(args.amp, device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard(EXPERIMENT, method, seed, [model, vnet], 
                            steps_done=start_epoch * math.ceil(len(train_images) / args.batch_size))
     for epoch in range(start_epoch, args.epochs):
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
             y = split.train_labels[idx].to(device)
             meta_x = batch_inputs(meta_images[m_idx], data, data_gen, flip).to(device)
             meta_y = meta_labels[m_idx].to(device)
-            with guard.step(epoch + 1), meter.step():
+            with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 out = train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
             guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"], meta_loss=out["meta_loss"])
             sums["train_loss"] += out["train_loss"]

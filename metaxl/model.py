@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForTokenClas
 
 from common.evograd import functional_forward
 from common.hypergrad import meta_backward
+from common.precision import backward, optimizer_step, unscale_gradients
 from common.runtime import CLIError
 from metaxl.data import IGNORE_INDEX, LABELS, Sentence, collate, encode, word_level_tokenizer
 
@@ -139,9 +140,10 @@ def main_update(model, optimizer: torch.optim.Optimizer, scheduler, source: Batc
     """One optimiser step of the main model on L_train (the RTN is held fixed)."""
     loss = training_loss(model, source, target, rtn, layer)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=[p for p in model.parameters() if p.requires_grad])
+    backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])  # scaled under --amp fp16
+    unscale_gradients(optimizer)  # --amp fp16: clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    optimizer_step(optimizer)
     scheduler.step()
     return loss.item()
 

@@ -22,6 +22,7 @@ import torch
 
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
+from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
@@ -88,6 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "or run it once and share its features between the K heads")
     p.add_argument("--no_figures", action="store_true", help="skip the dev-F1 figures")
     add_common_args(p, default_seeds=(1,), default_out="results/metaxl")
+    add_amp_arg(p)  # --amp none|bf16|fp16 (common.precision)
     args = p.parse_args(argv)
     if args.quick:  # quick values become defaults, so flags given explicitly still win
         p.set_defaults(**QUICK, targets=[args.targets[0]])
@@ -192,6 +194,7 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         print(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
     meter = EfficiencyMeter(device, warmup=2)
+    precision = Precision(args.amp, device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard("metaxl", method, seed, [model, rtn], steps_done=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
@@ -200,7 +203,7 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         for step, source_batch in enumerate(progress(epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id),
                                                      total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")):
             target_batch, meta_batch = target_batches(targets, args.target_split, rtn is not None)
-            with guard.step(epoch + 1), meter.step():
+            with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
                                       to_device(source_batch, device), to_device(target_batch, device),
                                       to_device(meta_batch, device) if meta_batch is not None else None, cfg,

@@ -35,6 +35,7 @@ from common.distributed import (average_gradients, barrier, close_data_parallel,
                                 is_main_process, mean_over_ranks, shard, world_size)
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
+from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
 from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, positive, prepare_out,
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--download", action="store_true", help="download full MNIST into --data-root first")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     add_estimator_args(parser, inner_lr=1e-3)  # --window, --fd_epsilon (multistep, finite_difference)
+    add_amp_arg(parser)  # --amp none|bf16|fp16 (common.precision)
     return add_common_args(parser, default_seeds=PAPER_SEEDS, default_out="results/rotation")
 
 
@@ -116,9 +118,9 @@ def model_step(model: nn.Module, optimizer: torch.optim.Optimizer, transformer: 
             x = transformer(x)
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)  # scaled under --amp fp16 (common.precision)
     average_gradients(model)  # data parallel: the whole batch's gradient on every rank
-    optimizer.step()
+    optimizer_step(optimizer)
     return mean_over_ranks(loss.detach())
 
 
@@ -165,6 +167,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
         transformer = RotationTransformer(fill=FILLS[args.fill]).to(device)
         meta_optimizer = torch.optim.Adam(transformer.parameters(), lr=args.meta_lr)
     options = hypergrad_options(args, noise_generator)
+    precision = Precision(args.amp, device)
     angles_deg: list[float] = []
     train_losses: list[float] = []
     val_losses: list[float] = []
@@ -173,7 +176,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
     state = resume_checkpoint(checkpoint, vars(args), device, may_change=("epochs",)) if args.resume else None
     if state is not None:
         restore_states(state, {"model": model, "optimizer": optimizer, "transformer": transformer,
-                               "meta_optimizer": meta_optimizer}, checkpoint)
+                               "meta_optimizer": meta_optimizer, "amp_scaler": precision}, checkpoint)
         noise_generator.set_state(state["noise_rng"])
         data_generator.set_state(state["data_rng"])
         angles_deg, train_losses, val_losses = state["angles_deg"], state["train_losses"], state["val_losses"]
@@ -193,7 +196,7 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
         for idx in bar:
             idx = shard(idx)  # this rank's part of the global batch (all of it in one process)
             x, y = train_x[idx], train_y[idx]
-            with guard.step(epoch + 1), meter.step():
+            with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 loss = model_step(model, optimizer, transformer, x, y)
                 if transformer is not None:
                     val_idx = shard(next(val_stream))
@@ -205,7 +208,8 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
                 angles_deg.append(transformer.degrees())
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                  "noise_rng": noise_generator.get_state(), "data_rng": data_generator.get_state(),
-                 "angles_deg": angles_deg, "train_losses": train_losses, "val_losses": val_losses}
+                 "angles_deg": angles_deg, "train_losses": train_losses, "val_losses": val_losses,
+                 "amp_scaler": precision.state_dict()}
         if transformer is not None:
             state.update(transformer=transformer.state_dict(), meta_optimizer=meta_optimizer.state_dict())
         if is_main_process():
