@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.distributed import average_gradients
 from common.evograd import effective_inner_lr, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
 from label_noise_mwn.models import CifarResNet, VNet, normalize_over_batch, weighted_loss
@@ -125,6 +126,7 @@ def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.opti
         loss = (losses * weights).sum()
     model_optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP)
     model_optimizer.step()
     return loss.item(), losses.detach().mean(), raw
 
