@@ -86,6 +86,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from common.runtime import CLIError
+
 _SUMMED_ELSEWHERE = "_grad_summed_over_ranks_elsewhere"
 
 
@@ -483,6 +485,31 @@ def any_rank_failed(failed: bool, device: torch.device | None = None) -> bool:
     flag = torch.tensor([1.0 if failed else 0.0], device=_comm_device(torch.empty(0, device=device)))
     dist.all_reduce(flag)
     return bool(flag.item() > 0)
+
+
+class OtherRankFailed(CLIError):
+    """Raised on the ranks whose own check passed when another rank's failed (``on_every_rank``)."""
+
+
+def on_every_rank(check: Callable[[], None], device: torch.device | None = None) -> None:
+    """Run ``check`` (e.g. ``DivergenceGuard.check``); if it raises on any rank, every rank raises.
+
+    The failing rank re-raises its own error (the one-line message); the others raise
+    ``OtherRankFailed``, so no rank waits in a collective the failed one never reaches. Costs one
+    all-reduce of one number (``any_rank_failed``); alone, ``check()`` as it is.
+    """
+    if not is_distributed():
+        check()
+        return
+    error: Exception | None = None
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on this rank as it was
+        error = err
+    if any_rank_failed(error is not None, device):
+        if error is not None:
+            raise error
+        raise OtherRankFailed(f"process {rank()} stopped because another process failed (its error is printed above)")
 
 
 def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.distributed import (barrier, broadcast_buffers, close_data_parallel, init_data_parallel,
-                                is_main_process, mean_over_ranks, shard, sum_over_ranks, sync_batchnorm, world_size)
+                                is_main_process, mean_over_ranks, on_every_rank, shard, sum_over_ranks, sync_batchnorm, world_size)
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.profiling import EfficiencyMeter
@@ -227,7 +227,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
                 both = mean_over_ranks(torch.stack([torch.as_tensor(float(out["train_loss"])),
                                                     out["unweighted_loss"].detach().float().cpu()]).to(device))
                 out["train_loss"], out["unweighted_loss"] = both[0].item(), both[1]
-            guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"], meta_loss=out["meta_loss"])
+            on_every_rank(lambda: guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"],
+                                              meta_loss=out["meta_loss"]), device)  # rank-local buffers too
             sums["train_loss"] += out["train_loss"]
             sums["meta_loss"] += out["meta_loss"] or 0.0
             if out["weights"] is not None:
