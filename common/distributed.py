@@ -512,16 +512,26 @@ def on_every_rank(check: Callable[[], None], device: torch.device | None = None)
         raise OtherRankFailed(f"process {rank()} stopped because another process failed (its error is printed above)")
 
 
-def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` with every BatchNorm layer converted to ``torch.nn.SyncBatchNorm`` (``--sync-bn``).
+_PLAIN_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
-    SyncBatchNorm computes training-mode statistics over the whole batch of all ranks (one
-    all-gather of per-channel sums per layer and forward). PyTorch implements it for CUDA
-    tensors only (its forward raises on CPU tensors), hence the refusal on CPU.
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` with every plain BatchNorm layer converted to ``torch.nn.SyncBatchNorm`` (``--sync-bn``).
+
+    SyncBatchNorm computes training-mode statistics over the whole batch of all ranks (per layer
+    and forward: an all-gather of the per-channel mean, variance and count). Only layers whose type
+    is exactly ``BatchNorm1d/2d/3d`` are converted, their parameters and buffers kept: a subclass
+    (e.g. a BatchNorm with a feature-wise transformation after it) would lose its own forward, so
+    it keeps per-rank statistics. PyTorch implements SyncBatchNorm for CUDA tensors only (on CPU
+    its forward raises), hence the refusal on CPU.
 
     Raises:
-        ValueError: on a CPU device.
+        ValueError: on a device other than CUDA.
     """
     if device.type != "cuda":
         raise ValueError("SyncBatchNorm runs on CUDA only in PyTorch (on CPU its forward raises)")
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) in _PLAIN_BATCHNORMS:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        setattr(module, name, sync_batchnorm(child, device))
+    return module
