@@ -252,7 +252,8 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
                                    "generator": generator.get_state(), "history": history}, cfg)
     if not is_main_process():
         return
-    write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed, config=cfg,
+    write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed,
+                  config={**cfg, "processes": world_size()},
                   setting=pretrain_setting(cfg), limits=LIMITS,
                   metrics={"final_loss": history[-1]["loss"], "final_train_acc": history[-1]["train_acc"],
                            "loss_curve": [h["loss"] for h in history]}, efficiency=note_resume(meter.summary(), start))
@@ -350,7 +351,8 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     if "candidate_loss_spread" in history[-1]:  # mean |ℓ_max − ℓ_min| of EvoGrad's candidates over training
         metrics["mean_candidate_loss_spread"] = sum(h["candidate_loss_spread"] for h in history) / len(history)
     write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed,
-                  config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"])},
+                  config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"]),
+                          "processes": world_size()},
                   setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"], limits=LIMITS)
     print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
           f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")

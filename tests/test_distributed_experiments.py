@@ -1,0 +1,164 @@
+"""Experiments under ``torchrun`` on CPU (gloo, 2 processes): one results file per run, resume after a
+kill, every rank stopping together, ``--sync-bn``.
+
+Each run is ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m <experiment>.train``
+with the experiment's smallest configuration (the resume-contract test's), in a subprocess with a
+timeout, so a rank waiting for a dead peer cannot hang the suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.distributed import sync_batchnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+ENV = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+MWN = ["--quick", "--train_size", "60", "--num_meta", "20", "--batch_size", "20", "--meta_batch_size", "10",
+       "--device", "cpu", "--seed", "3", "--threads", "1", "--methods", "mwn_evograd"]
+FEWSHOT = ["--width", "4", "--image-size", "16", "--n-shot", "1", "--n-query", "2", "--epochs", "1",
+           "--episodes-per-epoch", "2", "--val-episodes", "2", "--test-episodes", "5", "--test-queries", "2",
+           "--aux-batch", "4", "--seed", "3", "--threads", "1", "--pretrain-epochs", "1", "--pretrain-batch", "16",
+           "--device", "cpu", "--methods", "lft_evograd"]
+METAXL = ["--model", "tiny", "--train_size", "24", "--target_train_size", "12", "--epochs", "1", "--batch_size", "6",
+          "--lr", "1e-3", "--meta_lr", "1e-3", "--bottle_size", "8", "--max_seq_length", "32",
+          "--eval_max_seq_length", "32", "--transfer_layer", "4", "--targets", "qu", "--seed", "3", "--no_figures",
+          "--device", "cpu", "--methods", "metaxl_evograd"]
+
+
+def torchrun_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), *args]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("label_noise_mwn.train", [*MWN, "--epochs", "1"], ["label_noise_mwn_*_mwn_evograd_seed3.json"]),
+    ("cross_domain_fewshot.train", FEWSHOT, ["cross_domain_fewshot_*_lft_evograd_seed3.json",
+                                             "cross_domain_fewshot_*_pretrain_linear_seed3.json"]),
+    ("metaxl.train", METAXL, ["metaxl_*_metaxl_evograd_seed3.json"]),
+])
+def test_two_processes_write_exactly_one_results_file_per_run(tmp_path, module, argv, expected):
+    proc = torchrun("-m", module, *argv, "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for pattern in expected:
+        files = list(tmp_path.glob(pattern))
+        assert len(files) == 1, (pattern, sorted(p.name for p in tmp_path.iterdir()))
+        record = json.loads(files[0].read_text())
+        assert record["metrics"] and record["seed"] == 3 and record["config"]["processes"] == WORLD
+    assert len(list(tmp_path.glob("*.json"))) == len(expected)
+
+
+def test_mwn_killed_under_torchrun_resumes_to_the_uninterrupted_results(tmp_path):
+    argv = [*MWN, "--epochs", "3", "--milestones", "2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = torchrun("-m", "label_noise_mwn.train", *argv, "--out", str(whole))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # stop torchrun as soon as the first epoch's checkpoint appears: SIGTERM, which torchrun passes on
+    # to its workers (they run in sessions of their own: a SIGKILL of torchrun's group leaves them running)
+    run = subprocess.Popen(torchrun_command("-m", "label_noise_mwn.train", *argv, "--out", str(resumed)),
+                           cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    checkpoints = resumed / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        while not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+            assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=120)
+    time.sleep(1)  # no worker may survive torchrun to write results
+    assert not list(resumed.glob("*.json")), "killed too late: the run had finished"
+
+    proc = torchrun("-m", "label_noise_mwn.train", *argv, "--out", str(resumed), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("resuming after epoch") == 1, proc.stderr  # rank 0 alone prints it
+    [want], [got] = list(whole.glob("*.json")), list(resumed.glob("*.json"))
+    want, got = json.loads(want.read_text())["metrics"], json.loads(got.read_text())["metrics"]
+    assert got["test_epoch_per_epoch"] == [1, 2, 3]
+    for key in ("test_acc_per_epoch", "train_loss_per_epoch", "meta_loss_per_epoch", "weight_clean_per_epoch"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+
+
+FAILING_RANK = """
+from common.distributed import init_data_parallel, on_every_rank, rank, close_data_parallel
+from common.runtime import NonFiniteLossError, run_cli
+import torch
+
+def check():
+    if rank() == 1:
+        raise NonFiniteLossError("rank 1 diverged at step 1")
+
+def main(argv):
+    init_data_parallel(torch.device("cpu"))
+    try:
+        on_every_rank(check)
+        torch.distributed.barrier()  # rank 0 would wait here forever if it went on alone
+    finally:
+        close_data_parallel()
+
+run_cli(main)
+"""
+
+
+def test_a_rank_that_fails_stops_every_rank_with_one_line(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    start = time.monotonic()
+    proc = subprocess.run(torchrun_command(str(script)), capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode != 0
+    assert "error: rank 1 diverged at step 1" in proc.stderr, proc.stderr
+    assert "error: process 0 stopped because another process failed" in proc.stderr, proc.stderr
+    assert "exitcode: 2" in proc.stderr  # rank 0 exited with the one-line error, not killed by torchrun
+    assert time.monotonic() - start < 100
+
+
+def test_sync_batchnorm_converts_plain_batchnorm_layers_and_is_refused_on_cpu():
+    from cross_domain_fewshot.models import FeatureWiseBatchNorm2d, build_model
+    model = build_model("ResNet10", "relationnet_softmax", 16, 4)
+    plain = [m for m in model.modules() if type(m) is torch.nn.BatchNorm2d]
+    featurewise = [m for m in model.modules() if isinstance(m, FeatureWiseBatchNorm2d)]
+    assert plain and featurewise
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = sync_batchnorm(model, torch.device("cuda"))  # converting needs no GPU; running does
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == len(plain)
+    assert sum(isinstance(m, FeatureWiseBatchNorm2d) for m in converted.modules()) == len(featurewise)
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in converted.modules())
+    after = converted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="CUDA only"):
+        sync_batchnorm(torch.nn.BatchNorm1d(3), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("module, argv", [("label_noise_mwn.train", [*MWN, "--epochs", "1"]),
+                                          ("cross_domain_fewshot.train", FEWSHOT)])
+def test_sync_bn_on_cpu_is_a_one_line_error(tmp_path, module, argv):
+    proc = subprocess.run([sys.executable, "-m", module, *argv, "--sync-bn", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out"]
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="SyncBatchNorm across 2 processes needs 2 GPUs")
+def test_sync_bn_runs_on_two_gpus(tmp_path):
+    argv = [a if a != "cpu" else "cuda" for a in [*MWN, "--epochs", "1"]]
+    proc = torchrun("-m", "label_noise_mwn.train", *argv, "--sync-bn", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(tmp_path.glob("*.json"))) == 1
