@@ -162,3 +162,26 @@ def test_sync_bn_runs_on_two_gpus(tmp_path):
     proc = torchrun("-m", "label_noise_mwn.train", *argv, "--sync-bn", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_bench_nproc_times_two_processes_on_halves_of_the_batch(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "common.bench", "rotation", "--quick", "--methods", "evograd",
+                           "--nproc", "2", "--reps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["processes"], r["batch_per_rank"]) for r in rows] == [(2, 8)]
+    for r in rows:
+        assert r["time_s"] > 0 and len(r["peak_mem_mb_per_rank"]) == r["processes"]
+        assert all(mb > 0 for mb in r["peak_total_mb_per_rank"])
+    assert "| evograd | 2 | 8 |" in proc.stdout
+
+
+def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "common.bench", "rotation", "--quick", "--nproc", "3",
+                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --nproc [3]: rotation's batch 16 does not split evenly over 3 processes; choose --nproc values "
+        "that divide it"]
