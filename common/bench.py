@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -188,9 +189,11 @@ def measure_data_parallel(name: str, config: dict, method: str, nproc: int, devi
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or \
-            (proc.stderr.strip().splitlines() or ["(no output)"])[-1:]
-        return {"processes": nproc, "time_s": None, "error": errors[0]}
+        # the first worker's one-line error or exception line (torchrun's own summary comes last)
+        errors = [line for line in proc.stderr.splitlines()
+                  if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
+        return {"processes": nproc, "time_s": None,
+                "error": (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0][:200]}
     return json.loads(lines[-1])
 
 
