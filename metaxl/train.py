@@ -257,15 +257,14 @@ def shard_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[st
 
 def check_shardable(args: argparse.Namespace) -> None:
     """CLIError unless every source, target and meta batch has at least one sentence per process."""
-    n = world_size()
-    last = args.train_size % args.batch_size or args.batch_size
-    smallest = min(last, args.batch_size // 2 if args.target_split == "half" else args.batch_size,
-                   args.batch_size - args.batch_size // 2 if args.target_split == "half" else args.batch_size,
-                   args.target_train_size, args.batch_size)
-    if smallest < n:
-        raise CLIError(f"--batch_size {args.batch_size} with --train_size {args.train_size} and --target_split "
-                       f"{args.target_split} gives a batch of {smallest} sentence(s), fewer than the {n} processes; "
-                       f"choose another --batch_size")
+    source = (min(args.batch_size, args.train_size), args.train_size % args.batch_size or args.batch_size)
+    target = min(args.batch_size, args.target_train_size)
+    halves = (target // 2, target - target // 2) if args.target_split == "half" else (target,)
+    smallest = min(*source, *halves)
+    if smallest < world_size():
+        raise CLIError(f"--batch_size {args.batch_size} with --train_size {args.train_size}, --target_train_size "
+                       f"{args.target_train_size} and --target_split {args.target_split} gives a batch of {smallest} "
+                       f"sentence(s), fewer than the {world_size()} processes; choose another --batch_size")
 
 
 def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
