@@ -185,3 +185,54 @@ def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error():
     assert proc.stderr.strip().splitlines() == [
         "error: --nproc [3]: rotation's batch 16 does not split evenly over 3 processes; choose --nproc values "
         "that divide it"]
+
+
+MWN_SHARDED_HYPERGRADIENT = """
+import torch
+import torch.nn.functional as F
+from common.distributed import close_data_parallel, init_data_parallel, shard
+from common.evograd import functional_forward, perturbable_params
+from common.hypergrad import meta_backward
+from label_noise_mwn.models import VNet, weighted_loss
+
+torch.set_default_dtype(torch.float64)
+METHODS = ("evograd", "second_order", "finite_difference")
+
+
+def vnet_hypergradient(method, x, y, meta_x, meta_y):
+    torch.manual_seed(0)
+    model, vnet = torch.nn.Linear(5, 3), VNet(8)
+    def train_loss(p):
+        return weighted_loss(vnet, F.cross_entropy(functional_forward(model, p, x), y, reduction="none"))
+    def val_loss(p):
+        return F.cross_entropy(functional_forward(model, p, meta_x), meta_y)
+    meta_backward(method, perturbable_params(model), list(vnet.parameters()), train_loss, val_loss, inner_lr=0.5,
+                  n_candidates=3, sigma=0.05, temperature=0.05, noise="sign", fd_epsilon=1e-4,
+                  generator=torch.Generator().manual_seed(1))
+    return torch.cat([p.grad.flatten() for p in vnet.parameters()])
+
+
+g = torch.Generator().manual_seed(0)
+batch = (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g),
+         torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
+whole = {m: vnet_hypergradient(m, *batch) for m in METHODS}   # one process, the whole batch
+init_data_parallel(torch.device("cpu"))
+try:
+    for m in METHODS:
+        sharded = vnet_hypergradient(m, *(shard(t) for t in batch))
+        error = ((sharded - whole[m]).norm() / whole[m].norm()).item()
+        assert whole[m].norm() > 0 and error < 1e-6, (m, error)
+        print(m, "relative error", error)
+finally:
+    close_data_parallel()
+"""
+
+
+def test_mwn_weighted_loss_sharded_gives_the_whole_batch_hypergradient(tmp_path):
+    """VNet's weights are normalised by the whole batch's sum: 2 ranks × half batch == 1 × whole (float64)."""
+    script = tmp_path / "mwn_sharded.py"
+    script.write_text(MWN_SHARDED_HYPERGRADIENT)
+    proc = subprocess.run(torchrun_command(str(script)), capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("relative error") == 2 * 3, proc.stdout
