@@ -256,7 +256,9 @@ def shard_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[st
 
 
 def check_shardable(args: argparse.Namespace) -> None:
-    """CLIError unless every source, target and meta batch has at least one sentence per process."""
+    """CLIError unless every source, target and meta batch has at least one sentence per process (under torchrun)."""
+    if world_size() == 1:
+        return
     source = (min(args.batch_size, args.train_size), args.train_size % args.batch_size or args.batch_size)
     target = min(args.batch_size, args.target_train_size)
     halves = (target // 2, target - target // 2) if args.target_split == "half" else (target,)
