@@ -65,7 +65,8 @@ returned meta loss's step closes at the end of its first ``backward()`` (a secon
 ``retain_graph``, would sum no leaf gradient), and one never backpropagated keeps its leaf hooks
 until its graph is garbage collected; a rank whose own code raises before a collective leaves
 the others waiting until the process group's timeout (``torchrun`` stops every rank when one
-exits with an error).
+exits with an error; ``on_every_rank`` makes a check, e.g. the divergence guard, fail on every
+rank together).
 
 The second half of the module serves experiments launched by ``torchrun``: ``init_data_parallel``
 (nccl on CUDA, gloo on CPU), ``shard`` (this rank's part of a global batch), ``average_gradients``
