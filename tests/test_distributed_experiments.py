@@ -192,10 +192,11 @@ def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error():
 MWN_SHARDED_HYPERGRADIENT = """
 import torch
 import torch.nn.functional as F
-from common.distributed import close_data_parallel, init_data_parallel, shard
+from common.distributed import close_data_parallel, init_data_parallel, mean_over_ranks, rank, shard
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import meta_backward
 from label_noise_mwn.models import VNet, weighted_loss
+from metaxl.model import token_loss
 
 torch.set_default_dtype(torch.float64)
 METHODS = ("evograd", "second_order", "finite_difference")
@@ -218,6 +219,12 @@ g = torch.Generator().manual_seed(0)
 batch = (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g),
          torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
 whole = {m: vnet_hypergradient(m, *batch) for m in METHODS}   # one process, the whole batch
+# MetaXL's token loss: rows with different numbers of labelled sub-tokens (-100: not labelled)
+logits = torch.randn(4, 6, 5, generator=g, requires_grad=True)
+labels = torch.randint(0, 5, (4, 6), generator=g)
+labels[:2, 1:] = -100                            # rank 0's rows: 2 labelled tokens, rank 1's: 12
+whole_token_loss = token_loss(logits, labels)
+whole_logits_grad, = torch.autograd.grad(whole_token_loss, logits)
 init_data_parallel(torch.device("cpu"))
 try:
     for m in METHODS:
@@ -225,16 +232,23 @@ try:
         error = ((sharded - whole[m]).norm() / whole[m].norm()).item()
         assert whole[m].norm() > 0 and error < 1e-6, (m, error)
         print(m, "relative error", error)
+    shared_token_loss = mean_over_ranks(token_loss(shard(logits), shard(labels)))
+    assert torch.allclose(shared_token_loss, whole_token_loss, rtol=1e-12), (shared_token_loss, whole_token_loss)
+    grad, = torch.autograd.grad(shared_token_loss, logits)   # each rank: the gradient of its own rows
+    mine = whole_logits_grad.tensor_split(2)[rank()]
+    assert torch.allclose(grad.tensor_split(2)[rank()], mine, rtol=1e-10, atol=1e-14)
+    print("token_loss relative error", ((shared_token_loss - whole_token_loss) / whole_token_loss).abs().item())
 finally:
     close_data_parallel()
 """
 
 
-def test_mwn_weighted_loss_sharded_gives_the_whole_batch_hypergradient(tmp_path):
-    """VNet's weights are normalised by the whole batch's sum: 2 ranks × half batch == 1 × whole (float64)."""
+def test_sharded_mwn_and_metaxl_losses_give_the_whole_batch_values(tmp_path):
+    """2 ranks × half batch == 1 × whole (float64): VNet's hypergradient (its weights normalised by the
+    whole batch's sum) and MetaXL's token loss and its gradient (divided by the whole batch's count)."""
     script = tmp_path / "mwn_sharded.py"
     script.write_text(MWN_SHARDED_HYPERGRADIENT)
     proc = subprocess.run(torchrun_command(str(script)), capture_output=True, text=True, cwd=ROOT,
                           env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("relative error") == 2 * 3, proc.stdout
+    assert proc.stdout.count("relative error") == 2 * 4, proc.stdout
