@@ -7,6 +7,7 @@ timeout, so a rank waiting for a dead peer cannot hang the suite.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import bench
 from common.distributed import sync_batchnorm
+from common.runtime import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -149,11 +152,11 @@ def test_sync_batchnorm_converts_plain_batchnorm_layers_and_is_refused_on_cpu():
 
 @pytest.mark.parametrize("module, argv", [("label_noise_mwn.train", [*MWN, "--epochs", "1"]),
                                           ("cross_domain_fewshot.train", FEWSHOT)])
-def test_sync_bn_on_cpu_is_a_one_line_error(tmp_path, module, argv):
-    proc = subprocess.run([sys.executable, "-m", module, *argv, "--sync-bn", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_sync_bn_on_cpu_is_a_one_line_error(tmp_path, capsys, module, argv):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(importlib.import_module(module).main, [*argv, "--sync-bn", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out"]
     assert not list(tmp_path.glob("*.json"))
 
@@ -169,7 +172,7 @@ def test_sync_bn_runs_on_two_gpus(tmp_path):
 def test_bench_nproc_times_two_processes_on_halves_of_the_batch(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "common.bench", "rotation", "--quick", "--methods", "evograd",
-                           "--nproc", "2", "--reps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)],
+                           "--nproc", "2", "--reps", "2", "--warmup", "0", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -180,11 +183,11 @@ def test_bench_nproc_times_two_processes_on_halves_of_the_batch(tmp_path):
     assert "| evograd | 2 | 8 |" in proc.stdout
 
 
-def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "common.bench", "rotation", "--quick", "--nproc", "3",
-                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(bench.main, ["rotation", "--quick", "--nproc", "3", "--device", "cpu"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --nproc [3]: rotation's batch 16 does not split evenly over 3 processes; choose --nproc values "
         "that divide it"]
 
