@@ -20,12 +20,20 @@ Each experiment registers its benchmark in ``<experiment>/bench.py``::
   before the measured steps);
 
 and prints a Markdown table with ratios to the reference method (usually the second-order one).
+
+``--nproc 1 2`` (data parallelism) instead runs each method of each config under ``torchrun
+--standalone --nproc_per_node N`` for every N given, one torchrun after another (not interleaved):
+every rank builds the step with 1/N of the config's ``batch``, the ranks meet at a barrier
+before and after each step (so a step's time is the slowest rank's), and the table gives seconds
+per iteration, the speed-up over the first N, and peak memory per rank (the largest over ranks).
+Threads per process follow ``OMP_NUM_THREADS`` (torchrun sets 1 for N > 1 when it is unset).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from common import distributed
 from common.precision import AMP_MODES, Precision
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
@@ -154,6 +163,105 @@ def measure_memory(name: str, config: dict, method: str, device: torch.device, w
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def data_parallel_worker(name: str, config: dict, method: str, device: torch.device, warmup: int,
+                         reps: int, amp: str = "none") -> dict | None:
+    """Under torchrun: ``reps`` timed iterations of ``method`` on 1/N of ``config['batch']`` per rank.
+
+    Returns (on rank 0; None on the others) the mean seconds per iteration, measured between
+    barriers (the slowest rank's), and every rank's peak memory.
+    """
+    device = distributed.init_data_parallel(device)
+    try:
+        n = distributed.world_size()
+        step = under_precision(discover()[name].make_step(method, {**config, "batch": config["batch"] // n}, device),
+                               amp, device)
+        meter = EfficiencyMeter(device, warmup=warmup)
+        for _ in range(warmup + reps):
+            distributed.barrier()
+            with meter.step():
+                step()
+                distributed.barrier()
+        total = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+        mine = {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total}
+        ranks = [mine] * n
+        if n > 1:
+            torch.distributed.all_gather_object(ranks, mine)
+        if not distributed.is_main_process():
+            return None
+        return {"processes": n, "batch_per_rank": config["batch"] // n, "time_s": meter.summary()["meta_step_s"],
+                "time_std_s": statistics.stdev(meter.times) if len(meter.times) > 1 else 0.0,
+                "peak_mem_mb_per_rank": [r["peak_mem_mb"] for r in ranks],
+                "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks]}
+    finally:
+        distributed.close_data_parallel()
+
+
+def measure_data_parallel(name: str, config: dict, method: str, nproc: int, device: torch.device, warmup: int,
+                          reps: int, amp: str = "none") -> dict:
+    """One ``torchrun --standalone --nproc_per_node nproc`` of ``data_parallel_worker``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "common.bench", "--dp-worker", name, json.dumps(config), method,
+           "--device", device.type, "--warmup", str(warmup), "--reps", str(reps), "--amp", amp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        # the first worker's one-line error or exception line (torchrun's own summary comes last)
+        errors = [line for line in proc.stderr.splitlines()
+                  if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
+        return {"processes": nproc, "time_s": None,
+                "error": (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0][:200]}
+    return json.loads(lines[-1])
+
+
+def format_data_parallel_table(rows: list[dict]) -> str:
+    """Markdown table of one config under 1..N processes, speed-up over each method's first row."""
+    lines = ["| method | processes | batch per rank | s / iteration | speed-up | peak MB per rank (above start) | "
+             "peak MB per rank (process total) |", "|---|---|---|---|---|---|---|"]
+    first: dict[str, float | None] = {}
+    for r in rows:
+        base = first.setdefault(r["method"], r.get("time_s"))
+        if r.get("time_s") is None:
+            lines.append(f"| {r['method']} | {r['processes']} | | failed: {r.get('error', '')} | | | |")
+            continue
+        speedup = base / r["time_s"] if base else None
+        lines.append(f"| {r['method']} | {r['processes']} | {r['batch_per_rank']} | "
+                     f"{r['time_s']:.4g} ± {r['time_std_s']:.2g} | {_fmt(speedup)} | "
+                     f"{_fmt(max(x or 0.0 for x in r['peak_mem_mb_per_rank']), 4)} | "
+                     f"{_fmt(max(x or 0.0 for x in r['peak_total_mb_per_rank']), 4)} |")
+    return "\n".join(lines)
+
+
+def run_data_parallel(bench: Benchmark, configs: Sequence[dict], methods: Sequence[str], nprocs: Sequence[int],
+                      device: torch.device, warmup: int, reps: int, amp: str = "none") -> list[dict]:
+    """Every (config, method, N) under torchrun; prints a table per config."""
+    results = []
+    for config in configs:
+        rows = [{"benchmark": bench.name, "config": config, "method": m, "device": str(device), "reps": reps, "amp": amp,
+                 **measure_data_parallel(bench.name, config, m, n, device, warmup, reps, amp)}
+                for m in methods for n in nprocs]
+        print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, torchrun, {reps} reps per run, "
+              f"runs one after another)\n")
+        print(format_data_parallel_table(rows), flush=True)
+        results.extend(rows)
+    return results
+
+
+def check_data_parallel_plan(plan: Sequence[tuple[Benchmark, tuple[str, ...], list[dict]]], nprocs: Sequence[int],
+                             device: torch.device) -> None:
+    """CLIError unless every config has a ``batch`` that every N divides, and N GPUs exist on CUDA."""
+    if device.type == "cuda" and max(nprocs) > torch.cuda.device_count():
+        raise CLIError(f"--nproc {max(nprocs)} needs {max(nprocs)} GPUs; this machine has "
+                       f"{torch.cuda.device_count()}")
+    for bench, _, configs in plan:
+        for config in configs:
+            if "batch" not in config:
+                raise CLIError(f"--nproc: benchmark {bench.name} config {json.dumps(config)} has no 'batch' to share")
+            bad = [n for n in nprocs if config["batch"] % n]
+            if bad:
+                raise CLIError(f"--nproc {bad}: {bench.name}'s batch {config['batch']} does not split evenly over "
+                               f"{bad[0]} processes; choose --nproc values that divide it")
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
@@ -248,17 +356,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="mixed precision of every step: torch.autocast in bf16/fp16 (fp16: gradient scaler on "
                              "the base model's step), as the trainers' --amp")
     parser.add_argument("--out", help="write all rows to this JSON file")
+    parser.add_argument("--nproc", type=int, nargs="+",
+                        help="data parallel: run each method under torchrun with each of these numbers of processes "
+                             "(e.g. 1 2), every rank on 1/N of the batch; seconds per iteration and peak memory per rank")
     parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--dp-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 0 or args.mem_steps < 1:
         raise CLIError("--reps and --mem-steps must be >= 1 and --warmup >= 0")
     if args.no_time and args.no_memory:
         raise CLIError("--no-time and --no-memory together leave nothing to measure")
+    if args.nproc and min(args.nproc) < 1:
+        raise CLIError(f"--nproc takes numbers of processes >= 1, got {args.nproc}")
     device = select_device(args.device)
     if args.out and not args.memory_worker:
         prepare_out_file(args.out)  # before the benchmarks: an unwritable --out would lose every measurement
 
+    if args.dp_worker:
+        name, config, method = args.dp_worker
+        row = data_parallel_worker(name, json.loads(config), method, device, args.warmup, args.reps, args.amp)
+        if row is not None:
+            print(json.dumps(row))
+        return
     if args.memory_worker:
         name, config, method = args.memory_worker
         print(json.dumps(memory_worker(name, json.loads(config), method, device, args.warmup, args.reps, args.amp)))
@@ -277,7 +397,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = [plan_benchmark(registry[name], args.methods, args.config, args.quick)
             for name in args.names or sorted(registry)]  # every request checked before any runs
     all_rows = []
+    if args.nproc:
+        check_data_parallel_plan(plan, args.nproc, device)
     for bench, methods, configs in plan:
+        if args.nproc:
+            all_rows += run_data_parallel(bench, configs, methods, args.nproc, device, args.warmup, args.reps, args.amp)
+            continue
         all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
                                   not args.no_memory, args.mem_steps, timing=not args.no_time, amp=args.amp)
     if args.out:

@@ -65,12 +65,16 @@ returned meta loss's step closes at the end of its first ``backward()`` (a secon
 ``retain_graph``, would sum no leaf gradient), and one never backpropagated keeps its leaf hooks
 until its graph is garbage collected; a rank whose own code raises before a collective leaves
 the others waiting until the process group's timeout (``torchrun`` stops every rank when one
-exits with an error).
+exits with an error; ``on_every_rank`` makes a check, e.g. the divergence guard, fail on every
+rank together).
 
 The second half of the module serves experiments launched by ``torchrun``: ``init_data_parallel``
 (nccl on CUDA, gloo on CPU), ``shard`` (this rank's part of a global batch), ``average_gradients``
-(the base model's gradients averaged over ranks, as DDP does), ``is_main_process`` (rank 0 prints
-and writes), ``barrier``, ``close_data_parallel``.
+(the base model's gradients averaged over ranks, as DDP does), ``broadcast_buffers`` (rank 0's
+BatchNorm running statistics on every rank, as DDP does before each forward), ``shared_mean``
+(a batch statistic of all ranks, e.g. a normaliser, read by each rank's loss with exact gradients),
+``any_rank_failed`` (one flag all-reduced, so every rank stops together), ``sync_batchnorm``
+(``--sync-bn``), ``is_main_process`` (rank 0 prints and writes), ``barrier``, ``close_data_parallel``.
 """
 from __future__ import annotations
 
@@ -82,6 +86,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from common.runtime import CLIError
 
 _SUMMED_ELSEWHERE = "_grad_summed_over_ranks_elsewhere"
 
@@ -402,19 +408,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(batch: Tensor) -> Tensor:
-    """This rank's contiguous share of a global batch (the whole batch without a process group).
+def shard(batch: Tensor, dim: int = 0) -> Tensor:
+    """This rank's contiguous share of a global batch along ``dim`` (the whole batch without a process group).
 
     Every rank holds the same global batch (same seed, same data order); rank r keeps part r of
-    ``batch.tensor_split(N)``, so shards differ in size by at most one item.
+    ``batch.tensor_split(N, dim)``, so shards differ in size by at most one item.
 
     Raises:
-        ValueError: if the batch has fewer items than there are ranks.
+        ValueError: if the batch has fewer items along ``dim`` than there are ranks.
     """
     n = world_size()
-    if len(batch) < n:
-        raise ValueError(f"a batch of {len(batch)} items cannot be split over {n} processes")
-    return batch.tensor_split(n)[rank()] if n > 1 else batch
+    if batch.shape[dim] < n:
+        raise ValueError(f"a batch of {batch.shape[dim]} items cannot be split over {n} processes")
+    return batch.tensor_split(n, dim=dim)[rank()] if n > 1 else batch
 
 
 def average_gradients(module: torch.nn.Module) -> None:
@@ -434,3 +440,99 @@ def average_gradients(module: torch.nn.Module) -> None:
     flat = flat.to(grads[0].device) / dist.get_world_size()
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, one flat broadcast.
+
+    Parameters stay identical on every rank through ``average_gradients``; buffers updated by
+    per-rank batch statistics drift apart. DDP broadcasts rank 0's before every forward
+    (``broadcast_buffers=True``); calling this once per step does the same, so every rank
+    evaluates (eval mode) the model rank 0 checkpoints. Nothing happens without a process group.
+    """
+    if not is_distributed():
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers]).to(_comm_device(buffers[0]))
+    dist.broadcast(flat, src=0)
+    flat = flat.to(buffers[0].device)
+    for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(part.view_as(b))
+
+
+def shared_mean(x: Tensor) -> Tensor:
+    """m = (1/N) Σ_r x_r, the same on every rank, to be read by each rank's own (local) computation.
+
+    Exact gradients both ways: the forward all-reduce's backward is the identity (``_AllRanksSum``)
+    and reading m locally sums the rank-local gradients over ranks (``_RanksShare``), so x_r
+    receives Σ_r' ∂l_r'/∂m · (1/N), the derivative of the all-ranks loss Σ_r' l_r' through m.
+    Used for a normaliser over the whole batch, e.g. Meta-Weight-Net's Σ_j v_j. ``x`` itself alone.
+    """
+    if not is_distributed():
+        return x
+    return _RanksShare.apply(_AllRanksSum.apply(x) / dist.get_world_size())[0]
+
+
+def any_rank_failed(failed: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when ``failed`` is true on any rank (one all-reduce of one number).
+
+    Lets a rank whose own data or loss went wrong stop every rank with the same one-line error,
+    instead of leaving the others waiting in the next collective. ``failed`` itself alone.
+    """
+    if not is_distributed():
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=_comm_device(torch.empty(0, device=device)))
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+class OtherRankFailed(CLIError):
+    """Raised on the ranks whose own check passed when another rank's failed (``on_every_rank``)."""
+
+
+def on_every_rank(check: Callable[[], None], device: torch.device | None = None) -> None:
+    """Run ``check`` (e.g. ``DivergenceGuard.check``); if it raises on any rank, every rank raises.
+
+    The failing rank re-raises its own error (the one-line message); the others raise
+    ``OtherRankFailed``, so no rank waits in a collective the failed one never reaches. Costs one
+    all-reduce of one number (``any_rank_failed``); alone, ``check()`` as it is.
+    """
+    if not is_distributed():
+        check()
+        return
+    error: Exception | None = None
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on this rank as it was
+        error = err
+    if any_rank_failed(error is not None, device):
+        if error is not None:
+            raise error
+        raise OtherRankFailed(f"process {rank()} stopped because another process failed (its error is printed above)")
+
+
+_PLAIN_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` with every plain BatchNorm layer converted to ``torch.nn.SyncBatchNorm`` (``--sync-bn``).
+
+    SyncBatchNorm computes training-mode statistics over the whole batch of all ranks (per layer
+    and forward: an all-gather of the per-channel mean, variance and count). Only layers whose type
+    is exactly ``BatchNorm1d/2d/3d`` are converted, their parameters and buffers kept: a subclass
+    (e.g. a BatchNorm with a feature-wise transformation after it) would lose its own forward, so
+    it keeps per-rank statistics. PyTorch implements SyncBatchNorm for CUDA tensors only (on CPU
+    its forward raises), hence the refusal on CPU.
+
+    Raises:
+        ValueError: on a device other than CUDA.
+    """
+    if device.type != "cuda":
+        raise ValueError("SyncBatchNorm runs on CUDA only in PyTorch (on CPU its forward raises)")
+    if type(module) in _PLAIN_BATCHNORMS:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        setattr(module, name, sync_batchnorm(child, device))
+    return module

@@ -25,6 +25,13 @@ Every draw has its own seed from a generator of the trainer, so a seeded run is 
 both EvoGrad paths evaluate each candidate's training loss exactly once per meta step (the
 low-memory path frees a candidate's graph after ∂ℓ_k/∂λ and rebuilds θ* from the seeds of ε_k,
 never from the losses), so a candidate's loss is never recomputed with another draw.
+
+Under torchrun each rank gets the whole support set of every episode and its share of the
+queries (``shard_queries``): the relation scores compare every query with all support images, so
+the support must be whole on every rank, and the ranks' mean query loss is the episode's.
+``LFTTrainer.step`` broadcasts rank 0's BatchNorm running statistics, averages θ's gradients over
+ranks and checks the ranks' mean losses; the hypergradient is the whole episode's
+(``common.distributed``).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.distributed import average_gradients, broadcast_buffers, mean_over_ranks, shard
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.precision import backward, optimizer_step
@@ -82,6 +90,17 @@ def aux_weight_at(epoch: int, epochs: int, aux_loss: str = "mlp", scale: float =
     if aux_loss == "mlp":
         return scale * 0.9 ** (20 * epoch // epochs)
     return scale * (1 - epoch / epochs)
+
+
+def shard_queries(episode: Tensor, n_shot: int) -> Tensor:
+    """This rank's part of ``episode`` [n_way, n_shot + n_query, ...]: all support images, its share
+    of every class's queries (the whole episode without a process group).
+
+    Raises:
+        ValueError: if there are fewer queries per class than processes.
+    """
+    support, queries = episode[:, :n_shot], episode[:, n_shot:]
+    return torch.cat([support, shard(queries, dim=1)], dim=1)
 
 
 def episode_loss(model: nn.Module, params: dict[str, Tensor] | None, episode: Tensor, n_shot: int) -> Tensor:
@@ -155,6 +174,9 @@ class LFTTrainer:
         """One meta-iteration on a pseudo-seen and a pseudo-unseen episode; returns the losses."""
         model = self.model
         model.train()
+        broadcast_buffers(model)  # torchrun: rank 0's running statistics on every rank, as DDP
+        if self.aux_classifier is not None:
+            broadcast_buffers(self.aux_classifier)
         use_fwt = self.estimator is not None
         seed = self.next_fwt_seed()
         self.model_optim.zero_grad(set_to_none=True)
@@ -164,11 +186,16 @@ class LFTTrainer:
             aux_loss = self.aux_loss(*aux_batch)
         with feature_transform(model, use_fwt, seed):
             model_loss = episode_loss(model, None, seen, n_shot)
-        check_finite(model_loss, self.steps, "model loss")
         if use_aux and self.aux_mode == "train":
             aux_loss = self.aux_loss(*aux_batch)
+        # torchrun: the ranks' mean losses, so every rank checks (and stops on) the same numbers
+        model_mean, aux_mean = mean_over_ranks(torch.stack([model_loss.detach(), aux_loss.detach().to(model_loss)]))
+        check_finite(model_mean, self.steps, "model loss")
         backward(model_loss + aux_weight * aux_loss)  # scaled under --amp fp16 (common.precision)
-        out = {"model_loss": model_loss.item(), "aux_loss": aux_loss.item()}
+        average_gradients(model)  # torchrun: the whole episode's gradient on every rank, as DDP
+        if self.aux_classifier is not None:
+            average_gradients(self.aux_classifier)
+        out = {"model_loss": model_mean.item(), "aux_loss": aux_mean.item()}
         model_step_first = use_fwt and self.meta_order == "after"
         if model_step_first:
             optimizer_step(self.model_optim)

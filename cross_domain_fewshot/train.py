@@ -16,6 +16,14 @@ The defaults follow the authors' code (``ondrejbohdal/evograd``, ``CrossDomainFe
 
     python -m cross_domain_fewshot.train --quick --out results/cross_domain_fewshot
     python -m cross_domain_fewshot.train --data-root filelists --testset cub --backbone ResNet34
+    torchrun --nproc_per_node 2 -m cross_domain_fewshot.train --quick   # data parallel, 2 processes
+
+Under ``torchrun`` every rank samples the same episodes and batches (same seeds) and keeps its
+part: all support images and its share of the queries of every episode (the relation head
+compares each query with the whole support set), its share of every pretraining and auxiliary
+batch (``--pretrain-batch``, ``--aux-batch``, ``--n-query`` stay global); gradients of θ are
+averaged over ranks, the FWT hypergradient is the whole episode's; validation and test episodes
+run whole on every rank; only rank 0 prints, writes results, figures and checkpoints.
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.distributed import (average_gradients, barrier, broadcast_buffers, close_data_parallel, init_data_parallel,
+                                is_main_process,
+                                mean_over_ranks, on_every_rank, shard, sync_batchnorm, world_size)
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
@@ -41,7 +52,7 @@ from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, Im
                                        domain_file_list, episode_classes, write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
 from cross_domain_fewshot.lft import (AUX_LOSSES, FWT_NOISE, META_ORDERS, METHODS, PAPER_METHODS, LFTTrainer,
-                                      aux_weight_at, evaluate, fwt_scales, resolve_meta_order)
+                                      aux_weight_at, evaluate, fwt_scales, resolve_meta_order, shard_queries)
 from cross_domain_fewshot.models import (BLOCKS_PER_STAGE, RELATION_BN, RELATION_INIT, ResNetBackbone, build_model,
                                          mlp_classifier)
 
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip/jitter on training images")
     parser.add_argument("--threads", type=non_negative(int), default=0, help="torch CPU threads (0: leave torch's default)")
     add_amp_arg(parser)  # --amp none|bf16|fp16 (common.precision): pretraining and meta-training
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="torchrun: plain BatchNorm layers use all ranks' statistics (SyncBatchNorm, CUDA only; "
+                             "the FWT BatchNorm layers keep per-rank statistics)")
     return add_common_args(parser, default_seeds=(1,), default_out="results/cross_domain_fewshot")
 
 
@@ -112,12 +126,22 @@ QUICK = dict(width=16, image_size=32, n_query=6, pretrain_epochs=5, pretrain_bat
 
 def parse_config(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse, apply the --quick overrides to options left at their defaults, and check the data root."""
+    return resolve_data(parse_flags(argv))
+
+
+def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and apply the --quick overrides to options left at their defaults (writes nothing)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    return args
+
+
+def resolve_data(args: argparse.Namespace) -> argparse.Namespace:
+    """Prepare --out, write the embedded data (or check --data-root's file lists), set the threads."""
     prepare_out(args.out)
     if args.data_root is None:
         # Generated images of side 1.25x the input, so that crops and the test resize have room.
@@ -193,7 +217,8 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
     file_list = domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base")
     source = ImageSource(file_list, ImageTransform(cfg["image_size"], not cfg["no_augment"]), cfg["data_root"] is None)
     batches = BatchSampler(source, cfg["pretrain_batch"])
-    net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), len(file_list.label_names)).to(device)
+    net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), len(file_list.label_names))
+    net = (sync_batchnorm(net, device) if cfg["sync_bn"] else net).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     generator, start, history = torch.Generator().manual_seed(seed), 0, []
     state = resume_checkpoint(ckpt, cfg, may_change=RESUME_MAY_CHANGE) if resume else None
@@ -205,23 +230,33 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
     meter = EfficiencyMeter(device)
     precision = Precision(cfg["amp"], device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard(EXPERIMENT, PRETRAIN_METHOD, seed, [net], steps_done=start * steps_per_epoch)
-    for epoch in progress(range(start, cfg["pretrain_epochs"]), desc="pretrain"):
+    epochs = range(start, cfg["pretrain_epochs"])
+    for epoch in progress(epochs, desc="pretrain") if is_main_process() else epochs:
         correct = total_loss = 0.0
         for _ in range(steps_per_epoch):
-            images, labels = (t.to(device) for t in batches.sample(generator))
+            # torchrun: every rank samples the same global batch and keeps its share
+            images, labels = (shard(t).to(device) for t in batches.sample(generator))
+            broadcast_buffers(net)
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 logits = net(images)
                 loss = F.cross_entropy(logits, labels)
                 optim.zero_grad(set_to_none=True)
-                backward(loss)
+                backward(loss)  # scaled under --amp fp16
+                average_gradients(net)
                 optimizer_step(optim)
-            guard.check(training_loss=loss)
+            loss, acc = mean_over_ranks(torch.stack([loss.detach(), (logits.argmax(1) == labels).float().mean()]))
+            on_every_rank(lambda: guard.check(training_loss=loss), device)
             total_loss += loss.item()
-            correct += (logits.argmax(1) == labels).float().mean().item()
+            correct += acc.item()
         history.append({"loss": total_loss / steps_per_epoch, "train_acc": 100 * correct / steps_per_epoch})
-        save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
-                               "generator": generator.get_state(), "history": history}, cfg)
-    write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed, config=cfg,
+        broadcast_buffers(net)
+        if is_main_process():
+            save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
+                                   "generator": generator.get_state(), "history": history}, cfg)
+    if not is_main_process():
+        return
+    write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed,
+                  config={**cfg, "processes": world_size()},
                   setting=pretrain_setting(cfg), limits=LIMITS,
                   metrics={"final_loss": history[-1]["loss"], "final_train_acc": history[-1]["train_acc"],
                            "loss_curve": [h["loss"] for h in history]}, efficiency=note_resume(meter.summary(), start))
@@ -231,7 +266,8 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
                  resume: bool) -> None:
     """Stage 2: LFT (or baseline) meta-training of one method; checkpoint per epoch, best model by val."""
     model = build_model(cfg["backbone"], cfg["head"], cfg["image_size"], cfg["width"], cfg["relation_bn"],
-                        cfg["relation_init"]).to(device)
+                        cfg["relation_init"])
+    model = (sync_batchnorm(model, device) if cfg["sync_bn"] else model).to(device)
     if not pretrain_ckpt.is_file():
         raise CLIError(f"no pretrained backbone at {pretrain_ckpt}; run --stage pretrain (or all) first")
     pretrained = load_checkpoint(pretrain_ckpt, device)["model"]
@@ -266,30 +302,35 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     precision = Precision(cfg["amp"], device)
     guard = DivergenceGuard(EXPERIMENT, method, seed, [model, aux_classifier],
                             steps_done=start * cfg["episodes_per_epoch"])
-    for epoch in progress(range(start, cfg["epochs"]), desc=method):
+    epochs = range(start, cfg["epochs"])
+    for epoch in progress(epochs, desc=method) if is_main_process() else epochs:
         pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
         pseudo_seen, pseudo_unseen = samplers[seen[pair[0]]], samplers[seen[pair[1]]]
         aux_weight = aux_weight_at(epoch, cfg["epochs"], cfg["aux_loss"], cfg["aux_weight"])
         sums: dict[str, float] = {}
         for _ in range(cfg["episodes_per_epoch"]):
-            seen_ep = pseudo_seen.sample(data_gen).images.to(device)
-            unseen_ep = pseudo_unseen.sample(data_gen).images.to(device)
-            aux = tuple(t.to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
+            # torchrun: the same episodes on every rank; each keeps the support and its share of the queries
+            seen_ep = shard_queries(pseudo_seen.sample(data_gen).images, cfg["n_shot"]).to(device)
+            unseen_ep = shard_queries(pseudo_unseen.sample(data_gen).images, cfg["n_shot"]).to(device)
+            aux = tuple(shard(t).to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 losses = trainer.step(seen_ep, unseen_ep, cfg["n_shot"], aux, aux_weight)
-            guard.check(**losses)
+            on_every_rank(lambda: guard.check(**losses), device)  # rank-local buffers too
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg["episodes_per_epoch"]
+        broadcast_buffers(model)
         val_acc, _ = evaluate(model, lambda: val_sampler.sample(data_gen).images.to(device), cfg["val_episodes"],
                               cfg["n_shot"])
         if val_acc > best_val:
             best_val, best_model = val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({**sums, "val_acc": val_acc, "pseudo_seen": seen[pair[0]], "pseudo_unseen": seen[pair[1]],
                         **fwt_scales(model)})
-        save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
-                               "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
-                               "epoch": epoch + 1, "history": history, "best_val": best_val,
-                               "best_model": best_model, "efficiency": note_resume(meter.summary(), start)}, run_cfg)
+        if is_main_process():
+            save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
+                                   "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
+                                   "epoch": epoch + 1, "history": history, "best_val": best_val,
+                                   "best_model": best_model, "efficiency": note_resume(meter.summary(), start)},
+                            run_cfg)
 
 
 def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: Path) -> dict:
@@ -301,6 +342,8 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     acc, ci95 = evaluate_on_domain(model, cfg["resolved_data_root"], cfg["testset"], cfg, cfg["test_episodes"],
                                    seed + 2, cache=cfg["data_root"] is None, n_query=cfg["test_queries"])
     history = state["history"]
+    if not is_main_process():
+        return {}
     metrics = {"test_acc": acc, "test_ci95": ci95,
                "final_val_acc": history[-1]["val_acc"], "best_val_acc": state["best_val"],
                "final_model_loss": history[-1]["model_loss"], **fwt_scales(model),
@@ -312,7 +355,8 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
     if "candidate_loss_spread" in history[-1]:  # mean |ℓ_max − ℓ_min| of EvoGrad's candidates over training
         metrics["mean_candidate_loss_spread"] = sum(h["candidate_loss_spread"] for h in history) / len(history)
     write_results(cfg["out"], experiment=EXPERIMENT, method=method, seed=seed,
-                  config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"])},
+                  config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"]),
+                          "processes": world_size()},
                   setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"], limits=LIMITS)
     print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
           f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")
@@ -335,8 +379,32 @@ def plot_curves(cfg: dict, seed: int, curves: dict[str, dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_config(argv)
-    device = select_device(args.device)
+    args = parse_flags(argv)
+    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
+    try:
+        # rank 0 writes the embedded data first; a data error there stops every rank
+        on_every_rank(lambda: resolve_data(args) if is_main_process() else None, device)
+        if not is_main_process():
+            resolve_data(args)  # the data rank 0 wrote (idempotent)
+        run(args, device)
+    finally:
+        close_data_parallel()
+
+
+def check_data_parallel(args: argparse.Namespace, device: torch.device) -> None:
+    """CLIError unless every sharded batch has an item per process and --sync-bn can run."""
+    if args.sync_bn and device.type != "cuda":
+        raise CLIError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+    for flag, size in (("--n-query", args.n_query), ("--pretrain-batch", args.pretrain_batch),
+                       ("--aux-batch", args.aux_batch)):
+        if size < world_size():
+            raise CLIError(f"{flag} {size} is smaller than the {world_size()} processes that share it; "
+                           f"pass {flag} {world_size()} or more")
+
+
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """The chosen stages for every seed and method; under torchrun only rank 0 prints and writes."""
+    check_data_parallel(args, device)
     cfg = {k: v for k, v in vars(args).items() if k not in ("seed", "seeds", "resume", "overwrite", "stage", "methods")}
     ckpt_dir = Path(args.out) / "checkpoints"
     run_stage = lambda name: args.stage in ("all", name)  # noqa: E731
@@ -355,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pretrain_ckpt = ckpt_dir / f"pretrain_{tag}_seed{seed}.pt"
         if run_stage("pretrain") and result_of[PRETRAIN_METHOD, seed] not in finished:
             pretrain(cfg, seed, device, pretrain_ckpt, args.resume)
+            barrier()  # rank 0's checkpoint and results file exist for every rank
         curves = {}
         for method in args.methods:
             ckpt = ckpt_dir / f"{method}_{args.testset}_{args.head}_{args.n_shot}shot_{tag}_seed{seed}.pt"
@@ -364,9 +433,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             if run_stage("train"):
                 seed_everything(seed)
                 train_method(cfg, method, seed, device, pretrain_ckpt, ckpt, args.resume)
+                barrier()  # rank 0's last checkpoint exists for every rank's eval
             if run_stage("eval"):
                 curves[method] = eval_method(cfg, method, seed, device, ckpt)
-        if curves:
+                barrier()
+        if curves and is_main_process():
             plot_curves(cfg, seed, curves)
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.distributed import shared_mean
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (option A: subsample + zero-pad channels) shortcut."""
@@ -94,9 +96,11 @@ def normalize_over_batch(raw_weights: Tensor) -> Tensor:
     """w_i / Σ_j w_j, or w unchanged when the sum is exactly zero (as in the MWN code).
 
     Decided on the device (``torch.where`` on the divisor), without reading the sum on the host,
-    so it runs under vmap and costs no GPU synchronisation.
+    so it runs under vmap and costs no GPU synchronisation. Under torchrun the sum is the whole
+    batch's: each rank divides by the mean over ranks of the shards' sums (``shared_mean``), so
+    the ranks' mean of Σ_i ℓ_i w_i is the whole batch's weighted loss, gradients included.
     """
-    total = raw_weights.sum()
+    total = shared_mean(raw_weights.sum())
     return raw_weights / torch.where(total != 0, total, torch.ones_like(total))
 
 

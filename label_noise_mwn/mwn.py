@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.distributed import average_gradients
 from common.evograd import effective_inner_lr, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.precision import backward, optimizer_step
@@ -126,6 +127,7 @@ def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.opti
         loss = (losses * weights).sum()
     model_optimizer.zero_grad(set_to_none=True)
     backward(loss)  # scaled under --amp fp16 (common.precision)
+    average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP)
     optimizer_step(model_optimizer)
     return loss.item(), losses.detach().mean(), raw
 

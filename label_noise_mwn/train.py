@@ -2,11 +2,19 @@
 
     python -m label_noise_mwn.train --dataset cifar10 --data-root DATA --corruption_type unif
     python -m label_noise_mwn.train --quick --out results/label_noise_mwn     # embedded MNIST, all methods
+    torchrun --nproc_per_node 2 -m label_noise_mwn.train --quick   # data parallel: 2 processes share each batch
 
 Every (method, seed) run writes ``<out>/label_noise_mwn_<setting>_<method>_seed<seed>.json`` with
 per-epoch test accuracy, final and best accuracy, the measured label-noise rate and the mean VNet
 weight on clean and on corrupted examples; a checkpoint per epoch goes to ``<out>/checkpoints/``
 (``--resume`` continues from it) and a figure of the accuracy curves to ``<out>/figures/``.
+
+Under ``torchrun`` every rank draws the same global batches (same seed), takes its shard of the
+noisy and of the meta batch (``--batch_size``/``--meta_batch_size`` stay global), normalises VNet's
+weights by the whole batch's sum, averages the ResNet's gradients over ranks and gets the whole
+batch's VNet hypergradient from ``common.hypergrad``; BatchNorm keeps per-rank batch statistics
+(``--sync-bn``: SyncBatchNorm, CUDA only), rank 0's running statistics are broadcast every step;
+only rank 0 prints, writes results, figures and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.distributed import (barrier, broadcast_buffers, close_data_parallel, init_data_parallel,
+                                is_main_process, mean_over_ranks, on_every_rank, shard, sum_over_ranks, sync_batchnorm, world_size)
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -97,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_every", type=positive(int), default=1,
                         help="test every N epochs (and after the last); best accuracy is over the tested epochs")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sync-bn", "--sync_bn", dest="sync_bn", action="store_true",
+                        help="torchrun: BatchNorm statistics over all ranks' shards (SyncBatchNorm, CUDA only)")
     return parser
 
 
@@ -157,6 +169,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     flip = args.flip == "on" or (args.flip == "auto" and args.dataset != "mnist")
     model, vnet = init_models(seed, data.num_classes, data.train_images.shape[1], args.depth, args.width,
                               args.base_channels, args.vnet_hidden)
+    if args.sync_bn:
+        model = sync_batchnorm(model, device)
     model, vnet = model.to(device), vnet.to(device)
     model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
                                           args.weight_decay, args.vnet_lr, args.vnet_momentum,
@@ -177,7 +191,7 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         torch.set_rng_state(state["torch_rng"])
         history, step_times, start_epoch = state["history"], state["step_times"], state["epoch"]
         history.setdefault("test_epoch", list(range(1, len(history["test_acc"]) + 1)))  # older checkpoints
-        print(f"[{method} seed {seed}] resuming after epoch {start_epoch}", file=sys.stderr)
+        log(f"[{method} seed {seed}] resuming after epoch {start_epoch}")
 
     train_images = data.train_images[split.train_index]
     meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
@@ -197,17 +211,27 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         sums = {"train_loss": 0.0, "meta_loss": 0.0, "w_clean": 0.0, "n_clean": 0, "w_noisy": 0.0, "n_noisy": 0}
         batches = range(0, len(order), args.batch_size)
         model.train()
-        for b, start in enumerate(progress(batches, desc=f"{method} s{seed} ep{epoch + 1}/{args.epochs}", leave=False)):
-            idx = order[start:start + args.batch_size]
+        shown = progress(batches, desc=f"{method} s{seed} ep{epoch + 1}/{args.epochs}", leave=False) \
+            if is_main_process() else batches
+        for b, start in enumerate(shown):
+            # torchrun: every rank builds the same global batches (same generator), then keeps its shard
+            batch_idx = order[start:start + args.batch_size]
+            idx = shard(batch_idx)
             m_start = (b * args.meta_batch_size) % len(meta_images)
             m_idx = meta_order.roll(-m_start)[:args.meta_batch_size]
-            x = batch_inputs(train_images[idx], data, data_gen, flip).to(device)
+            x = shard(batch_inputs(train_images[batch_idx], data, data_gen, flip)).to(device)
             y = split.train_labels[idx].to(device)
-            meta_x = batch_inputs(meta_images[m_idx], data, data_gen, flip).to(device)
-            meta_y = meta_labels[m_idx].to(device)
+            meta_x = shard(batch_inputs(meta_images[m_idx], data, data_gen, flip)).to(device)
+            meta_y = shard(meta_labels[m_idx]).to(device)
+            broadcast_buffers(model)  # torchrun: rank 0's running statistics, as DDP
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 out = train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
-            guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"], meta_loss=out["meta_loss"])
+            if world_size() > 1:  # the ranks' mean losses: every rank's guard sees the same numbers, stops together
+                both = mean_over_ranks(torch.stack([torch.as_tensor(float(out["train_loss"])),
+                                                    out["unweighted_loss"].detach().float().cpu()]).to(device))
+                out["train_loss"], out["unweighted_loss"] = both[0].item(), both[1]
+            on_every_rank(lambda: guard.check(training_loss=out["train_loss"], unweighted_loss=out["unweighted_loss"],
+                                              meta_loss=out["meta_loss"]), device)  # rank-local buffers too
             sums["train_loss"] += out["train_loss"]
             sums["meta_loss"] += out["meta_loss"] or 0.0
             if out["weights"] is not None:
@@ -216,7 +240,12 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
                 sums["w_clean"] += out["weights"][~is_noisy].sum().item()
                 sums["n_noisy"] += int(is_noisy.sum())
                 sums["n_clean"] += int((~is_noisy).sum())
+        if world_size() > 1:  # VNet weights of every rank's shard
+            totals = sum_over_ranks(torch.tensor([sums[k] for k in ("w_clean", "n_clean", "w_noisy", "n_noisy")],
+                                                 dtype=torch.float64, device=device)).tolist()
+            sums.update(zip(("w_clean", "n_clean", "w_noisy", "n_noisy"), totals))
         n_batches = len(batches)
+        broadcast_buffers(model)
         test_acc = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_acc = accuracy(model, data.test_images, data.test_labels,
@@ -230,10 +259,10 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         history["lr"].append(lr)
         step_times += meter.times
         meter.times = []
-        print(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
-              f"train loss {history['train_loss'][-1]:.4f}" + (f" test acc {test_acc:.2f}" if test_acc is not None else ""),
-              file=sys.stderr, flush=True)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "vnet": vnet.state_dict(),
+        log(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
+            f"train loss {history['train_loss'][-1]:.4f}" + (f" test acc {test_acc:.2f}" if test_acc is not None else ""))
+        if is_main_process():
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "vnet": vnet.state_dict(),
                                     "model_opt": model_opt.state_dict(), "vnet_opt": vnet_opt.state_dict(),
                                     "generator": generator.get_state(), "data_gen": data_gen.get_state(),
                                     "torch_rng": torch.get_rng_state(), "history": history,
@@ -247,10 +276,11 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
                "noise_rate": split.noise_rate, "meta_in_train": split.meta_in_train,
                "final_weight_clean": history["weight_clean"][-1], "final_weight_noisy": history["weight_noisy"][-1],
                **{f"{k}_per_epoch": v for k, v in history.items()}}
-    path = write_results(args.out, experiment=EXPERIMENT, method=method, seed=seed, config=config,
-                         metrics=metrics, efficiency=efficiency, setting=setting)
-    print(f"[{method} seed {seed}] final {metrics['final_test_acc']:.2f} best {metrics['best_test_acc']:.2f} "
-          f"-> {path}", file=sys.stderr)
+    if is_main_process():
+        path = write_results(args.out, experiment=EXPERIMENT, method=method, seed=seed, setting=setting,
+                             config={**config, "processes": world_size()}, metrics=metrics, efficiency=efficiency)
+        log(f"[{method} seed {seed}] final {metrics['final_test_acc']:.2f} best {metrics['best_test_acc']:.2f} -> {path}")
+    barrier()  # the results file exists for every rank's next --resume check
     return {"method": method, "seed": seed, "setting": setting, "metrics": metrics}
 
 
@@ -271,20 +301,51 @@ def plot_curves(records: list[dict], out: Path) -> None:
         save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting.replace('.', 'p')}_test_acc")
 
 
+def log(message: str) -> None:
+    """Progress line on stderr, from rank 0 only under torchrun."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def check_shardable(args: argparse.Namespace, n_train: int) -> None:
+    """CLIError unless every noisy and meta batch has at least one item per process."""
+    for flag, size, n in (("--batch_size", args.batch_size, n_train), ("--meta_batch_size", args.meta_batch_size,
+                                                                       args.num_meta)):
+        smallest = min(size, n % size or size)  # the last batch of a pass
+        if smallest < world_size():
+            raise CLIError(f"{flag} {size} gives a batch of {smallest} item(s), fewer than the {world_size()} "
+                           f"processes; choose another {flag}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
+    try:
+        run_all(args, device)
+    finally:
+        close_data_parallel()
+
+
+def run_all(args: argparse.Namespace, device: torch.device) -> None:
+    """Every (method, seed) run; under torchrun only rank 0 prints and writes."""
+    if args.sync_bn and device.type != "cuda":
+        raise CLIError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+    if args.download and world_size() > 1:
+        raise CLIError("--download under torchrun: download once in one process first, then leave out --download")
     out = prepare_out(args.out)
     data = load_dataset(args.dataset, args.data_root, args.download)
     check_split_sizes(args, data)
+    n_train = args.train_size or len(data.train_labels) - args.num_meta
+    check_shardable(args, n_train)
     runs = [(method, seed) for seed in seeds_of(args) for method in args.methods]
     finished = finished_runs([results_path(out, EXPERIMENT, setting_of(args, data), m, s) for m, s in runs],
                              args.resume, args.overwrite)
     records = [run(args, data, method, seed, device) for method, seed in runs
                if results_path(out, EXPERIMENT, setting_of(args, data), method, seed) not in finished]
-    plot_curves(records, out)
+    if is_main_process():
+        plot_curves(records, out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from seqeval.metrics import f1_score, precision_score, recall_score
 from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForTokenClassification
 
+from common.distributed import average_gradients, is_distributed, mean_over_ranks
 from common.evograd import functional_forward
 from common.hypergrad import meta_backward
 from common.precision import backward, optimizer_step, unscale_gradients
@@ -116,8 +117,16 @@ def transformed(model: XLMRobertaForTokenClassification, rtn: nn.Module | None, 
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over labelled sub-tokens; logits [B, T, C], labels [B, T]."""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over labelled sub-tokens; logits [B, T, C], labels [B, T].
+
+    Under torchrun each rank holds a shard of the sentences, with its own number of labelled
+    sub-tokens n_r: rank r returns Σ_{its tokens} ℓ / ((1/N) Σ_r' n_r'), so the ranks' mean is
+    the whole batch's mean over its Σ_r n_r tokens (one all-reduce of a count).
+    """
+    if not is_distributed():
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / mean_over_ranks((labels != IGNORE_INDEX).sum().to(total.dtype))
 
 
 def tagger_loss(model: XLMRobertaForTokenClassification, batch: Batch, params: Mapping[str, Tensor] | None = None,
@@ -141,6 +150,7 @@ def main_update(model, optimizer: torch.optim.Optimizer, scheduler, source: Batc
     loss = training_loss(model, source, target, rtn, layer)
     optimizer.zero_grad(set_to_none=True)
     backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])  # scaled under --amp fp16
+    average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP), then clipped
     unscale_gradients(optimizer)  # --amp fp16: clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer_step(optimizer)

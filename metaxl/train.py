@@ -8,6 +8,15 @@ For each target language, seed and method: train for ``--epochs`` passes over ``
 source sentences, drawing target batches from ``--target_train_size`` target sentences; evaluate
 entity F1 on the target dev and test sets after every epoch; write one results JSON (test F1 at
 the best dev epoch), a checkpoint per epoch (``--resume`` continues), and a dev-F1 figure.
+
+    torchrun --nproc_per_node 2 -m metaxl.train --quick    # data parallel: 2 processes share each batch
+
+Under ``torchrun`` every rank draws the same global batches (same seed) and keeps its share of the
+sentences of the source, target and meta batches (``--batch_size`` stays global); the token loss
+is the whole batch's mean over labelled sub-tokens (``metaxl.model.token_loss``); the main model's
+gradients are averaged over ranks before clipping, the RTN's hypergradient is the whole batch's;
+dev and test sets are evaluated whole on every rank; only rank 0 prints, writes results, figures
+and checkpoints. XLM-R has no BatchNorm (LayerNorm is per token), so there is no ``--sync-bn``.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from common.distributed import (barrier, close_data_parallel, init_data_parallel, is_main_process, mean_over_ranks,
+                                on_every_rank, shard, world_size)
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -191,7 +202,7 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
-        print(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
+        log(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
     meter = EfficiencyMeter(device, warmup=2)
     precision = Precision(args.amp, device)  # fp16: the gradient scale restarts on --resume
@@ -200,22 +211,29 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
         targets = cycle_batches(target_items, args.batch_size, order, tokenizer.pad_token_id)
         losses = []
-        for step, source_batch in enumerate(progress(epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id),
-                                                     total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")):
+        source_stream = epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id)
+        if is_main_process():
+            source_stream = progress(source_stream, total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")
+        for step, source_batch in enumerate(source_stream):
             target_batch, meta_batch = target_batches(targets, args.target_split, rtn is not None)
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
-                                      to_device(source_batch, device), to_device(target_batch, device),
-                                      to_device(meta_batch, device) if meta_batch is not None else None, cfg,
+                                      shard_batch(source_batch, device), shard_batch(target_batch, device),
+                                      shard_batch(meta_batch, device) if meta_batch is not None else None, cfg,
                                       generator, meta_scheduler)
-            guard.check(training_loss=out["train_loss"], meta_loss=out["meta_loss"] if rtn is not None else None)
+            if world_size() > 1:  # the ranks' mean: every rank's guard sees the same number
+                out["train_loss"] = mean_over_ranks(torch.tensor(out["train_loss"], device=device)).item()
+            on_every_rank(lambda: guard.check(training_loss=out["train_loss"],
+                                              meta_loss=out["meta_loss"] if rtn is not None else None), device)
             losses.append(out["train_loss"])
         dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device)
         test = evaluate(model, tokenizer, data["test"], args.eval_max_seq_length, args.eval_batch_size, device)
         history.append({"epoch": epoch + 1, "train_loss": statistics.fmean(losses), "dev_f1": dev["f1"],
                         "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"]})
-        print(f"{setting} {method} seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
-              f"dev F1 {dev['f1']:.2f} test F1 {test['f1']:.2f}", flush=True)
+        log(f"{setting} {method} seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
+            f"dev F1 {dev['f1']:.2f} test F1 {test['f1']:.2f}")
+        if not is_main_process():
+            continue
         save_checkpoint(ckpt_path, {
             **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
@@ -227,6 +245,31 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                "test_precision": best["test_precision"], "test_recall": best["test_recall"],
                "test_f1_last": history[-1]["test_f1"], "history": history}
     return {"metrics": metrics, "efficiency": note_resume(meter.summary(), start_epoch)}
+
+
+def log(message: str) -> None:
+    """A progress line on stdout, from rank 0 only under torchrun."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def shard_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's rows of a collated batch, on ``device`` (the whole batch without a process group)."""
+    return to_device({key: shard(value) for key, value in batch.items()}, device)
+
+
+def check_shardable(args: argparse.Namespace) -> None:
+    """CLIError unless every source, target and meta batch has at least one sentence per process (under torchrun)."""
+    if world_size() == 1:
+        return
+    source = (min(args.batch_size, args.train_size), args.train_size % args.batch_size or args.batch_size)
+    target = min(args.batch_size, args.target_train_size)
+    halves = (target // 2, target - target // 2) if args.target_split == "half" else (target,)
+    smallest = min(*source, *halves)
+    if smallest < world_size():
+        raise CLIError(f"--batch_size {args.batch_size} with --train_size {args.train_size}, --target_train_size "
+                       f"{args.target_train_size} and --target_split {args.target_split} gives a batch of {smallest} "
+                       f"sentence(s), fewer than the {world_size()} processes; choose another --batch_size")
 
 
 def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
@@ -246,7 +289,16 @@ def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    device = select_device(args.device)
+    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
+    try:
+        run(args, device)
+    finally:
+        close_data_parallel()
+
+
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """Every (target, seed, method) run; under torchrun only rank 0 prints and writes."""
+    check_shardable(args)
     out = prepare_out(args.out)
     kind = "synthetic" if args.data_root is None else "panx"
     model_name = Path(args.model).name if args.model != TINY else TINY
@@ -267,10 +319,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     records[method] = run_method(args, method, seed, setting, data, device)
                     config = {**vars(args), "method": method, "target": target,
                               "n_source_sentences": len(data["source"]), "n_target_sentences": len(data["target"])}
-                    path = write_results(args.out, experiment="metaxl", method=method, seed=seed, setting=setting,
-                                         config=config, **records[method])
-                    print(f"wrote {path}")
-                if records and not args.no_figures:
+                    if is_main_process():
+                        path = write_results(args.out, experiment="metaxl", method=method, seed=seed,
+                                             setting=setting, config={**config, "processes": world_size()},
+                                             **records[method])
+                        log(f"wrote {path}")
+                    barrier()  # the results file exists for every rank's next --resume check
+                if records and not args.no_figures and is_main_process():
                     plot_dev_f1(records, Path(args.out) / f"metaxl_{setting}_seed{seed}_dev_f1")
 
 
