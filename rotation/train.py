@@ -11,7 +11,7 @@ neighbour, as in the authors' notebook; ``--fill background --data-interpolation
 earlier protocol (black corners, bilinear).
 
     python -m rotation.train --quick --out results/rotation                # all methods, 5k subset
-    python -m rotation.train --data-root ../shared/data/mnist --method evograd --seeds 1 23
+    python -m rotation.train --data-root path/to/mnist --method evograd --seeds 1 23
     torchrun --nproc_per_node 2 -m rotation.train --quick      # data parallel: 2 processes share each batch
 
 Under ``torchrun`` every rank keeps the same model and data order, takes its shard of each global
