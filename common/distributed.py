@@ -516,6 +516,12 @@ def on_every_rank(check: Callable[[], None], device: torch.device | None = None)
 _PLAIN_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
+def check_sync_bn(requested: bool, device: torch.device) -> None:
+    """The CLI check of ``--sync-bn``, before any work: ``CLIError`` unless it can run on ``device``."""
+    if requested and device.type != "cuda":
+        raise CLIError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+
+
 def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` with every plain BatchNorm layer converted to ``torch.nn.SyncBatchNorm`` (``--sync-bn``).
 

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.distributed import (average_gradients, barrier, broadcast_buffers, close_data_parallel, init_data_parallel,
-                                is_main_process,
-                                mean_over_ranks, on_every_rank, shard, sync_batchnorm, world_size)
+from common.distributed import (average_gradients, barrier, broadcast_buffers, check_sync_bn, close_data_parallel,
+                                init_data_parallel, is_main_process, mean_over_ranks, on_every_rank, shard,
+                                sync_batchnorm, world_size)
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
@@ -393,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def check_data_parallel(args: argparse.Namespace, device: torch.device) -> None:
     """CLIError unless every sharded batch has an item per process and --sync-bn can run."""
-    if args.sync_bn and device.type != "cuda":
-        raise CLIError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+    check_sync_bn(args.sync_bn, device)
     for flag, size in (("--n-query", args.n_query), ("--pretrain-batch", args.pretrain_batch),
                        ("--aux-batch", args.aux_batch)):
         if size < world_size():

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.distributed import (barrier, broadcast_buffers, close_data_parallel, init_data_parallel,
-                                is_main_process, mean_over_ranks, on_every_rank, shard, sum_over_ranks, sync_batchnorm, world_size)
+from common.distributed import (barrier, broadcast_buffers, check_sync_bn, close_data_parallel, init_data_parallel,
+                                is_main_process, mean_over_ranks, on_every_rank, shard, sum_over_ranks,
+                                sync_batchnorm, world_size)
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -330,8 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_all(args: argparse.Namespace, device: torch.device) -> None:
     """Every (method, seed) run; under torchrun only rank 0 prints and writes."""
-    if args.sync_bn and device.type != "cuda":
-        raise CLIError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+    check_sync_bn(args.sync_bn, device)
     if args.download and world_size() > 1:
         raise CLIError("--download under torchrun: download once in one process first, then leave out --download")
     out = prepare_out(args.out)
