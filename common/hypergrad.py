@@ -44,7 +44,7 @@ from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.implicit import implicit_hypergrad, sama_hypergrad
 from common.precision import full_precision
-from common.runtime import positive
+from common.runtime import non_negative, positive
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 
 EVOGRAD_OPTIONS = ("n_candidates", "sigma", "temperature", "noise", "generator", "noise_device", "candidates_in_float32")
@@ -54,19 +54,6 @@ MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
 CG_OPTIONS = ("cg_iters", "cg_damping", "cg_tol")
 NEUMANN_OPTIONS = ("neumann_iters", "neumann_alpha", "inner_lr")
 SAMA_OPTIONS = ("inner_lr", "base_optimizer", "fd_epsilon")
-
-
-def non_negative(kind: type = float) -> Callable[[str], float]:
-    """argparse type for a number >= 0."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
 
 
 def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:
