@@ -170,8 +170,7 @@ def data_parallel_worker(name: str, config: dict, method: str, device: torch.dev
     Returns (on rank 0; None on the others) the mean seconds per iteration, measured between
     barriers (the slowest rank's), and every rank's peak memory.
     """
-    device = distributed.init_data_parallel(device)
-    try:
+    with distributed.process_group(device) as device:
         n = distributed.world_size()
         step = under_precision(discover()[name].make_step(method, {**config, "batch": config["batch"] // n}, device),
                                amp, device)
@@ -192,8 +191,6 @@ def data_parallel_worker(name: str, config: dict, method: str, device: torch.dev
                 "time_std_s": statistics.stdev(meter.times) if len(meter.times) > 1 else 0.0,
                 "peak_mem_mb_per_rank": [r["peak_mem_mb"] for r in ranks],
                 "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks]}
-    finally:
-        distributed.close_data_parallel()
 
 
 def measure_data_parallel(name: str, config: dict, method: str, nproc: int, device: torch.device, warmup: int,

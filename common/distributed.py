@@ -74,14 +74,16 @@ The second half of the module serves experiments launched by ``torchrun``: ``ini
 BatchNorm running statistics on every rank, as DDP does before each forward), ``shared_mean``
 (a batch statistic of all ranks, e.g. a normaliser, read by each rank's loss with exact gradients),
 ``any_rank_failed`` (one flag all-reduced, so every rank stops together), ``sync_batchnorm``
-(``--sync-bn``), ``is_main_process`` (rank 0 prints and writes), ``barrier``, ``close_data_parallel``.
+(``--sync-bn``), ``is_main_process`` (rank 0 prints and writes), ``barrier``, ``close_data_parallel``, and
+``process_group`` (a context manager around the first and the last).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -385,6 +387,20 @@ def close_data_parallel() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """``with process_group(device) as device:`` joins the ``torchrun`` group and always leaves it.
+
+    ``init_data_parallel`` on entry (yields this rank's device; outside ``torchrun`` the given one)
+    and ``close_data_parallel`` on exit, also when the body raises.
+    """
+    device = init_data_parallel(device)
+    try:
+        yield device
+    finally:
+        close_data_parallel()
 
 
 def rank() -> int:

@@ -149,8 +149,10 @@ def finished_runs(result_files: Iterable[str | Path], resume: bool, overwrite: b
         more = f" (and {len(finished) - 1} more)" if len(finished) > 1 else ""
         raise CLIError(f"{finished[0]}{more} exists: that run is finished; pass --resume to skip finished runs, "
                        "--overwrite to rerun them, or another --out")
-    for path in finished:
-        print(f"skipping finished run {path} (--resume; --overwrite reruns it)", file=sys.stderr)
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not grouped or torch.distributed.get_rank() == 0:
+        for path in finished:  # once, not once per torchrun rank
+            print(f"skipping finished run {path} (--resume; --overwrite reruns it)", file=sys.stderr)
     return set(finished)
 
 

@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.distributed import (average_gradients, barrier, broadcast_buffers, check_sync_bn, close_data_parallel,
-                                init_data_parallel, is_main_process, mean_over_ranks, on_every_rank, shard,
-                                sync_batchnorm, world_size)
+from common.distributed import (average_gradients, barrier, broadcast_buffers, check_sync_bn, is_main_process,
+                                mean_over_ranks, on_every_rank, process_group, shard, sync_batchnorm, world_size)
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
@@ -380,15 +379,12 @@ def plot_curves(cfg: dict, seed: int, curves: dict[str, dict]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_flags(argv)
-    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
-    try:
+    with process_group(select_device(args.device)) as device:  # joins the process group under torchrun
         # rank 0 writes the embedded data first; a data error there stops every rank
         on_every_rank(lambda: resolve_data(args) if is_main_process() else None, device)
         if not is_main_process():
             resolve_data(args)  # the data rank 0 wrote (idempotent)
         run(args, device)
-    finally:
-        close_data_parallel()
 
 
 def check_data_parallel(args: argparse.Namespace, device: torch.device) -> None:

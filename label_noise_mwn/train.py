@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.distributed import (barrier, broadcast_buffers, check_sync_bn, close_data_parallel, init_data_parallel,
-                                is_main_process, mean_over_ranks, on_every_rank, shard, sum_over_ranks,
-                                sync_batchnorm, world_size)
+from common.distributed import (barrier, broadcast_buffers, check_sync_bn, is_main_process, mean_over_ranks,
+                                on_every_rank, process_group, shard, sum_over_ranks, sync_batchnorm, world_size)
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -322,11 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
-    try:
+    with process_group(select_device(args.device)) as device:  # joins the process group under torchrun
         run_all(args, device)
-    finally:
-        close_data_parallel()
 
 
 def run_all(args: argparse.Namespace, device: torch.device) -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from common.distributed import (barrier, close_data_parallel, init_data_parallel, is_main_process, mean_over_ranks,
-                                on_every_rank, shard, world_size)
+from common.distributed import (barrier, is_main_process, mean_over_ranks, on_every_rank, process_group, shard,
+                                world_size)
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -289,11 +289,8 @@ def plot_dev_f1(records: dict[str, dict], stem: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
-    try:
+    with process_group(select_device(args.device)) as device:  # joins the process group under torchrun
         run(args, device)
-    finally:
-        close_data_parallel()
 
 
 def run(args: argparse.Namespace, device: torch.device) -> None:

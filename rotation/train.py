@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.distributed import (average_gradients, barrier, close_data_parallel, init_data_parallel,
-                                is_main_process, mean_over_ranks, shard, world_size)
+from common.distributed import (average_gradients, barrier, is_main_process, mean_over_ranks, process_group, shard,
+                                world_size)
 from common.evograd import functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, meta_backward
 from common.precision import Precision, add_amp_arg, backward, optimizer_step
@@ -233,11 +233,8 @@ def train_run(method: str, seed: int, data: RotationData, args: argparse.Namespa
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    device = init_data_parallel(select_device(args.device))  # joins the process group under torchrun
-    try:
+    with process_group(select_device(args.device)) as device:  # joins the process group under torchrun
         run(args, device)
-    finally:
-        close_data_parallel()
 
 
 def check_shardable(data: RotationData, batch_size: int) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from common import bench
-from common.distributed import sync_batchnorm
+from common.distributed import process_group, sync_batchnorm
 from common.runtime import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_mwn_killed_under_torchrun_resumes_to_the_uninterrupted_results(tmp_path
 
 
 FAILING_RANK = """
-from common.distributed import init_data_parallel, on_every_rank, rank, close_data_parallel
+from common.distributed import on_every_rank, process_group, rank
 from common.runtime import NonFiniteLossError, run_cli
 import torch
 
@@ -109,12 +109,9 @@ def check():
         raise NonFiniteLossError("rank 1 diverged at step 1")
 
 def main(argv):
-    init_data_parallel(torch.device("cpu"))
-    try:
+    with process_group(torch.device("cpu")):
         on_every_rank(check)
         torch.distributed.barrier()  # rank 0 would wait here forever if it went on alone
-    finally:
-        close_data_parallel()
 
 run_cli(main)
 """
@@ -131,6 +128,38 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line(tmp_path):
     assert "error: process 0 stopped because another process failed" in proc.stderr, proc.stderr
     assert "exitcode: 2" in proc.stderr  # rank 0 exited with the one-line error, not killed by torchrun
     assert time.monotonic() - start < 100
+
+
+PROCESS_GROUP = """
+import sys
+import torch
+from common.distributed import process_group, world_size
+from common.runtime import finished_runs
+
+with process_group(torch.device("cpu")) as device:
+    assert device == torch.device("cpu") and torch.distributed.is_initialized() and world_size() == 2
+    assert finished_runs([sys.argv[1]], resume=True, overwrite=False)
+assert not torch.distributed.is_initialized()
+print("left the group", flush=True)
+"""
+
+
+def test_process_group_joins_and_leaves_and_skips_are_printed_once(tmp_path):
+    script, done = tmp_path / "process_group.py", tmp_path / "finished.json"
+    script.write_text(PROCESS_GROUP)
+    done.write_text("{}")
+    proc = subprocess.run(torchrun_command(str(script), str(done)), capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("left the group") == WORLD, proc.stdout
+    assert proc.stderr.count("skipping finished run") == 1, proc.stderr  # rank 0 only
+
+
+def test_process_group_outside_torchrun_is_the_given_device_and_leaves_on_error():
+    with process_group(torch.device("cpu")) as device:
+        assert device == torch.device("cpu") and not torch.distributed.is_initialized()
+    with pytest.raises(KeyError), process_group(torch.device("cpu")):
+        raise KeyError("raised inside")
 
 
 def test_sync_batchnorm_converts_plain_batchnorm_layers_and_is_refused_on_cpu():
