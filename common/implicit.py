@@ -196,7 +196,8 @@ def implicit_hypergrad(
 
     Raises:
         ValueError: on an unknown solver, iterations < 1, δ < 0, tolerance < 0, α ≤ 0 (or no α and
-            no ``inner_lr``), empty inputs, or a non-scalar or non-finite loss.
+            no ``inner_lr``), empty inputs, a non-scalar or non-finite loss, or a non-finite
+            Hessian-vector product.
     """
     hyperparams = _check_inputs(params, hyperparams)
     if solver == "cg":
@@ -218,21 +219,35 @@ def implicit_hypergrad(
 
     leaves = [t.clone().requires_grad_() for t in theta]
     train_loss = scalar_loss(train_loss_fn(dict(zip(names, leaves))), "train_loss_fn")
-    check_finite_losses(torch.stack([val_loss, train_loss.detach()]), ["val_loss_fn", "train_loss_fn"])
     train_grads = _grads_or_zeros(train_loss, leaves, create_graph=True)
     live = [i for i, g in enumerate(train_grads) if g.requires_grad]  # the rest: L_train linear there
+    products_sum = torch.zeros((), device=val_loss.device)  # Σ of every Hp entry (float32): finite iff all are
 
     def hvp(vec: list[Tensor]) -> list[Tensor]:
+        nonlocal products_sum
         if not live:
             return [torch.zeros_like(t) for t in vec]
         products = _grads_or_zeros([train_grads[i] for i in live], leaves, grad_outputs=[vec[i] for i in live],
                                    retain_graph=True)
+        products_sum = products_sum + sum(h.detach().float().sum() for h in products)
         return [h.detach() for h in products]
 
     if solver == "cg":
         x, _ = conjugate_gradient(hvp, v, cg_iters, cg_damping, cg_tol)
     else:
         x = neumann_series(hvp, v, neumann_iters, neumann_alpha)
+    # One host read checks the losses and the products together. Without the products' check CG would
+    # stop silently at a NaN curvature (x stays 0: a zero hypergradient), as under fp16 autocast,
+    # where the double backward overflows.
+    products_name = "train_loss_fn's Hessian-vector products"
+    try:
+        check_finite_losses(torch.stack([val_loss.float(), train_loss.detach().float(), products_sum]),
+                            ["val_loss_fn", "train_loss_fn", products_name])
+    except ValueError as err:
+        if not str(err).startswith(products_name):
+            raise
+        raise ValueError(f"{solver}: {products_name} are non-finite (an overflow, e.g. in float16 autocast: "
+                         "run the estimator in bfloat16 or float32)") from None
     pairing = sum((train_grads[i] * x[i]).sum() for i in live) if live else None
     mixed = (_grads_or_zeros(pairing, hyperparams) if pairing is not None and pairing.requires_grad
              else [torch.zeros_like(h) for h in hyperparams])  # (∂²L_train/∂λ∂θ) x

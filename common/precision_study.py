@@ -89,15 +89,25 @@ def run_problem(name: str, draws: int, seed: int, amps: Sequence[str], device: t
         for setting in settings:
             g32 = hypergradient(setting, instance, draw_seed, "none", device)
             for amp in amps:
-                g = hypergradient(setting, instance, draw_seed, amp, device)
+                try:
+                    g = hypergradient(setting, instance, draw_seed, amp, device)
+                except ValueError as err:  # e.g. cg's Hessian-vector products overflowing in float16
+                    if "non-finite" not in str(err):
+                        raise
+                    records.setdefault((setting.label, amp), []).append({"error": str(err)})
+                    continue
                 records.setdefault((setting.label, amp), []).append(
                     {"cos_to_float32": cosine(g, g32), "rel_error_to_float32": fidelity(g, g32)["rel_error"],
                      "cos_amp_to_reference": cosine(g, instance.reference),
                      "cos_float32_to_reference": cosine(g32, instance.reference)})
     rows = []
-    for (label, amp), recs in records.items():
-        row = {"problem": name, "label": label, "amp": amp, "draws": len(recs)}
-        row["rel_error_to_float32_median"] = statistics.median(r["rel_error_to_float32"] for r in recs)
+    for (label, amp), all_recs in records.items():
+        recs = [r for r in all_recs if "error" not in r]
+        errors = [r["error"] for r in all_recs if "error" in r]
+        row = {"problem": name, "label": label, "amp": amp, "draws": len(all_recs), "failed_draws": len(errors),
+               "error": errors[0] if errors else None}
+        row["rel_error_to_float32_median"] = (statistics.median(r["rel_error_to_float32"] for r in recs)
+                                              if recs else float("nan"))
         for key in ("cos_to_float32", "cos_amp_to_reference", "cos_float32_to_reference"):
             values = [r[key] for r in recs if not math.isnan(r[key])]
             row[key] = statistics.fmean(values) if values else float("nan")
@@ -113,6 +123,12 @@ def format_table(rows: Sequence[dict]) -> str:
              "| cos(float32, ref) | cos(amp, ref) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("failed_draws"):  # the estimator raised (a non-finite value) on these draws
+            failed = f"raised on {r['failed_draws']} of {r['draws']} draws: {r['error']}"
+            if r["failed_draws"] == r["draws"]:
+                lines.append(f"| {r['problem']} | {r['label']} | {r['amp']} | {failed} | | | |")
+                continue
+            r = {**r, "label": f"{r['label']} ({failed})"}
         lines.append(f"| {r['problem']} | {r['label']} | {r['amp']} | {r['cos_to_float32']:.4f} ± "
                      f"{r['cos_to_float32_std']:.4f} ({r['cos_to_float32_min']:.3f}) | "
                      f"{r['rel_error_to_float32_median']:.3g} | "

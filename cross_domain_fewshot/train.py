@@ -220,14 +220,15 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
     net = (sync_batchnorm(net, device) if cfg["sync_bn"] else net).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     generator, start, history = torch.Generator().manual_seed(seed), 0, []
+    precision = Precision(cfg["amp"], device)
     state = resume_checkpoint(ckpt, cfg, may_change=RESUME_MAY_CHANGE) if resume else None
     if state is not None:
         restore_states(state, {"model": net, "optim": optim}, ckpt)
+        precision.load_state_dict(state.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(state["generator"])
         start, history = state["epoch"], state["history"]
     steps_per_epoch = math.ceil(len(file_list.labels) / cfg["pretrain_batch"])
     meter = EfficiencyMeter(device)
-    precision = Precision(cfg["amp"], device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard(EXPERIMENT, PRETRAIN_METHOD, seed, [net], steps_done=start * steps_per_epoch)
     epochs = range(start, cfg["pretrain_epochs"])
     for epoch in progress(epochs, desc="pretrain") if is_main_process() else epochs:
@@ -251,7 +252,8 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
         broadcast_buffers(net)
         if is_main_process():
             save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
-                                   "generator": generator.get_state(), "history": history}, cfg)
+                                   "generator": generator.get_state(), "history": history,
+                                   "amp_scaler": precision.state_dict()}, cfg)
     if not is_main_process():
         return
     write_results(cfg["out"], experiment=EXPERIMENT, method=PRETRAIN_METHOD, seed=seed,
@@ -285,9 +287,11 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     run_cfg = {**cfg, "method": method, "resolved_meta_order": trainer.meta_order}
     data_gen = torch.Generator().manual_seed(seed)
     start, history, best_val, best_model = 0, [], -1.0, None
+    precision = Precision(cfg["amp"], device)
     state = resume_checkpoint(ckpt, run_cfg, device, RESUME_MAY_CHANGE) if resume else None
     if state is not None:
         restore_states(state, {"model": model, "aux_classifier": aux_classifier, "trainer": trainer}, ckpt)
+        precision.load_state_dict(state.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         data_gen.set_state(state["data_generator"])
         start, history, best_val, best_model = state["epoch"], state["history"], state["best_val"], state["best_model"]
     seen = [d for d in DOMAINS if d != cfg["testset"]]
@@ -298,7 +302,6 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     aux_batches = BatchSampler(aux_source, cfg["aux_batch"])
     val_sampler = sampler_for(cfg, PRETRAIN_DOMAIN, "val", False)
     meter = EfficiencyMeter(device)
-    precision = Precision(cfg["amp"], device)
     guard = DivergenceGuard(EXPERIMENT, method, seed, [model, aux_classifier],
                             steps_done=start * cfg["episodes_per_epoch"])
     epochs = range(start, cfg["epochs"])
@@ -328,7 +331,8 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
             save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
                                    "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
                                    "epoch": epoch + 1, "history": history, "best_val": best_val,
-                                   "best_model": best_model, "efficiency": note_resume(meter.summary(), start)},
+                                   "best_model": best_model, "efficiency": note_resume(meter.summary(), start),
+                                   "amp_scaler": precision.state_dict()},
                             run_cfg)
 
 

@@ -183,9 +183,11 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     step_times: list[float] = []
     start_epoch = 0
     # --epochs may grow on resume: the lr schedule depends on --milestones alone
+    precision = Precision(args.amp, device)
     state = resume_checkpoint(ckpt_path, config, may_change=("epochs",)) if args.resume else None
     if state is not None:
         restore_states(state, {"model": model, "vnet": vnet, "model_opt": model_opt, "vnet_opt": vnet_opt}, ckpt_path)
+        precision.load_state_dict(state.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(state["generator"])
         data_gen.set_state(state["data_gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -197,7 +199,6 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     meta_images, meta_labels = data.train_images[split.meta_index], data.train_labels[split.meta_index]
     noisy = split.train_labels != split.clean_labels
     meter = EfficiencyMeter(device, warmup=1)  # first iteration: allocator and thread-pool warm-up
-    precision = Precision(args.amp, device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard(EXPERIMENT, method, seed, [model, vnet], 
                            steps_done=start_epoch * math.ceil(len(train_images) / args.batch_size))
     for epoch in range(start_epoch, args.epochs):
@@ -266,7 +267,8 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
                                     "model_opt": model_opt.state_dict(), "vnet_opt": vnet_opt.state_dict(),
                                     "generator": generator.get_state(), "data_gen": data_gen.get_state(),
                                     "torch_rng": torch.get_rng_state(), "history": history,
-                                    "step_times": step_times, "epoch": epoch + 1}, config)
+                                    "step_times": step_times, "epoch": epoch + 1,
+                                    "amp_scaler": precision.state_dict()}, config)
 
     efficiency = meter.summary()
     efficiency["meta_step_s"] = float(np.mean(step_times)) if step_times else None

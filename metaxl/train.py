@@ -196,16 +196,17 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rtn": rtn,
                 "meta_optimizer": meta_optimizer, "meta_scheduler": meta_scheduler}
     history, start_epoch = [], 0
+    precision = Precision(args.amp, device)
     ckpt = resume_checkpoint(ckpt_path, vars(args), device) if args.resume else None
     if ckpt is not None:
         restore_states(ckpt, stateful, ckpt_path)
+        precision.load_state_dict(ckpt.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         log(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
     meter = EfficiencyMeter(device, warmup=2)
-    precision = Precision(args.amp, device)  # fp16: the gradient scale restarts on --resume
     guard = DivergenceGuard("metaxl", method, seed, [model, rtn], steps_done=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
@@ -237,7 +238,7 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         save_checkpoint(ckpt_path, {
             **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-            "epoch": epoch + 1, "vocab": vocab, "model_config": model.config.to_dict(), "method": method,
+            "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab, "model_config": model.config.to_dict(), "method": method,
             "seed": seed, "setting": setting, "target": data["lang"]}, vars(args))
 
     best = max(history, key=lambda h: h["dev_f1"])

@@ -9,10 +9,12 @@ import torch
 
 import common.estimators as estimators_module
 import common.evograd as evograd_module
+import common.implicit as implicit_module
 from common.estimators import finite_difference_hypergrad, multistep_meta_loss
 from common.evograd import (CandidateNoise, evograd_hypergrad_low_memory, evograd_meta_loss, merge_candidates,
                             perturbable_params)
 from common.hypergrad import ESTIMATORS
+from common.implicit import implicit_hypergrad, sama_hypergrad
 from common.second_order import second_order_meta_loss, second_order_meta_loss_func
 from test_batched import cnn_problem, hypergrad
 
@@ -120,8 +122,14 @@ def one_step(method: str, params, hyper, train, val):
         multistep_meta_loss(params, train, val, inner_lr=0.1, inner_steps=2, window=2).backward(inputs=hyper)
     elif method == "second_order_func":
         second_order_meta_loss_func(params, train, val, inner_lr=0.1).backward(inputs=hyper)
-    else:   # second_order, unrolled
+    elif method in ("cg", "neumann"):   # cg without its early stop, which reads one boolean per step
+        implicit_hypergrad(params, hyper, train, val, solver=method, cg_tol=0.0, inner_lr=0.1)
+    elif method == "sama":
+        sama_hypergrad(params, hyper, train, val, inner_lr=0.1)
+    elif method in ("second_order", "unrolled"):
         second_order_meta_loss(params, train, val, inner_lr=0.1, inner_steps=2).backward(inputs=hyper)
+    else:
+        raise AssertionError(f"one_step does not know {method!r}: add it")
 
 
 @pytest.mark.parametrize("method", sorted(ESTIMATORS))
@@ -137,7 +145,7 @@ def test_no_sync_in_a_meta_step_but_the_finiteness_check(method, monkeypatch):
             return check(*args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("error")
-    for module in (evograd_module, estimators_module):
+    for module in (evograd_module, estimators_module, implicit_module):
         monkeypatch.setattr(module, "check_finite_losses", allowed_check)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -252,3 +252,27 @@ def test_registered_by_name_and_accumulate():
         once = estimate(method, inst, inner_lr=0.3).clone()
         meta_backward(method, inst.params, inst.hyperparams, inst.train_loss_fn, inst.val_loss_fn, inner_lr=0.3)
         torch.testing.assert_close(inst.hyperparams[0].grad.flatten(), 2 * once, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_a_non_finite_hessian_vector_product_raises_instead_of_a_zero_hypergradient(solver):
+    # |θ|^1.5 has a finite loss and gradient at θ = 0 but an infinite second derivative there, as a
+    # float16 double backward that overflows: CG used to stop at the NaN curvature and return x = 0
+    theta = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    train = lambda p: lam * p["theta"].abs().pow(1.5).sum() + (p["theta"] ** 2).sum()  # noqa: E731
+    val = lambda p: ((p["theta"] - 1.0) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match=rf"^{solver}: train_loss_fn's Hessian-vector products are non-finite"):
+        implicit_hypergrad({"theta": theta}, [lam], train, val, solver=solver, inner_lr=0.1)
+    assert lam.grad is None   # nothing accumulated
+    finite = torch.tensor([0.25, 0.5], dtype=torch.float64)   # away from 0 the same problem is fine
+    implicit_hypergrad({"theta": finite}, [lam], train, val, solver=solver, inner_lr=0.1)
+    assert torch.isfinite(lam.grad).all() and lam.grad != 0
+
+
+def test_a_non_finite_loss_is_named_before_the_products():
+    theta = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="^train_loss_fn returned a non-finite loss"):
+        implicit_hypergrad({"theta": theta}, [lam], lambda p: lam * p["theta"].sum() / 0.0,
+                           lambda p: (p["theta"] ** 2).sum(), solver="cg")

@@ -11,6 +11,7 @@ from common import precision
 from common.evograd import evograd_hypergrad_low_memory, evograd_meta_loss
 from common.hypergrad import meta_backward
 from common.precision import Precision, autocast, backward, check_amp, full_precision, optimizer_step
+from common.results import load_checkpoint
 from common.runtime import run_cli
 
 # ---------------------------------------------------------------------------------------------
@@ -174,22 +175,56 @@ def test_rotation_fp16_on_cpu_runs(tmp_path):
     assert _results(tmp_path, "rotation_*_second_order_seed1.json")["config"]["amp"] == "fp16"
 
 
+MWN_TINY = ["--quick", "--train_size", "60", "--num_meta", "20", "--batch_size", "20", "--meta_batch_size", "10",
+            "--device", "cpu", "--seed", "3", "--epochs", "1"]
+METAXL_TINY = ["--model", "tiny", "--train_size", "24", "--target_train_size", "12", "--epochs", "1",
+               "--batch_size", "6", "--lr", "1e-3", "--meta_lr", "1e-3", "--bottle_size", "8", "--max_seq_length",
+               "32", "--eval_max_seq_length", "32", "--transfer_layer", "4", "--targets", "qu", "--seed", "3",
+               "--no_figures"]
+
+
 def test_label_noise_mwn_bf16(tmp_path):
     from label_noise_mwn import train
-    train.main(["--quick", "--train_size", "60", "--num_meta", "20", "--batch_size", "20", "--meta_batch_size", "10",
-                "--device", "cpu", "--seed", "3", "--epochs", "1", "--methods", "mwn_evograd", "mwn_second_order",
-                "--out", str(tmp_path), "--amp", "bf16"])
+    train.main([*MWN_TINY, "--methods", "mwn_evograd", "mwn_second_order", "--out", str(tmp_path), "--amp", "bf16"])
     for method in ("mwn_evograd", "mwn_second_order"):
         assert _results(tmp_path, f"label_noise_mwn_*_{method}_seed3.json")["config"]["amp"] == "bf16"
 
 
 def test_metaxl_bf16(tmp_path):
     from metaxl import train
-    train.main(["--model", "tiny", "--train_size", "24", "--target_train_size", "12", "--epochs", "1",
-                "--batch_size", "6", "--lr", "1e-3", "--meta_lr", "1e-3", "--bottle_size", "8", "--max_seq_length",
-                "32", "--eval_max_seq_length", "32", "--transfer_layer", "4", "--targets", "qu", "--seed", "3",
-                "--no_figures", "--methods", "metaxl_evograd", "--out", str(tmp_path), "--amp", "bf16"])
+    train.main([*METAXL_TINY, "--methods", "metaxl_evograd", "--out", str(tmp_path), "--amp", "bf16"])
     assert _results(tmp_path, "metaxl_*_metaxl_evograd_seed3.json")["config"]["amp"] == "bf16"
+
+
+@pytest.mark.parametrize("name", ["label_noise_mwn", "metaxl", "cross_domain_fewshot"])
+def test_fp16_checkpoints_keep_the_gradient_scale_for_resume(name, tmp_path, monkeypatch):
+    import importlib
+    train = importlib.import_module(f"{name}.train")
+    if name == "cross_domain_fewshot":
+        from cross_domain_fewshot.data import write_embedded_dataset
+        root = write_embedded_dataset(tmp_path / "fewshot", image_size=40, classes_per_split=(6, 5, 5),
+                                      images_per_class=8)
+        argv = [*FEWSHOT_TINY, "--data-root", str(root)]
+    else:
+        argv = [*MWN_TINY, "--methods", "mwn_evograd"] if name == "label_noise_mwn" else [*METAXL_TINY, "--methods",
+                                                                                         "metaxl_evograd"]
+    argv += ["--out", str(tmp_path / "out"), "--amp", "fp16"]
+    train.main(argv)
+    checkpoints = sorted((tmp_path / "out" / "checkpoints").glob("*.pt"))   # few-shot: pre-training and LFT
+    saved = [load_checkpoint(path)["amp_scaler"] for path in checkpoints]
+    assert saved and all(s["scale"] > 0 and "_growth_tracker" in s for s in saved)   # the scaler's, not {}
+    for found in (tmp_path / "out").glob(f"{name}_*.json"):
+        found.unlink()   # unfinished again: --resume restores the checkpoints
+    loaded = []
+    monkeypatch.setattr(precision.Precision, "load_state_dict", lambda self, state: loaded.append(state))
+    train.main([*argv, "--resume"])
+    assert sorted(map(str, loaded)) == sorted(map(str, saved))
+
+
+FEWSHOT_TINY = ["--width", "4", "--image-size", "32", "--n-shot", "1", "--n-query", "2", "--epochs", "1",
+                "--episodes-per-epoch", "2", "--val-episodes", "2", "--test-episodes", "5", "--test-queries", "2",
+                "--aux-batch", "4", "--seed", "3", "--threads", "1", "--pretrain-epochs", "1", "--pretrain-batch",
+                "16", "--methods", "lft_evograd"]
 
 
 def test_cross_domain_fewshot_bf16(tmp_path):
@@ -197,11 +232,7 @@ def test_cross_domain_fewshot_bf16(tmp_path):
     from cross_domain_fewshot.data import write_embedded_dataset
     fewshot_root = write_embedded_dataset(tmp_path / "fewshot", image_size=40, classes_per_split=(6, 5, 5),
                                           images_per_class=8)
-    train.main(["--width", "4", "--image-size", "32", "--n-shot", "1", "--n-query", "2", "--epochs", "1",
-                "--episodes-per-epoch", "2", "--val-episodes", "2", "--test-episodes", "5", "--test-queries", "2",
-                "--aux-batch", "4", "--seed", "3", "--threads", "1", "--pretrain-epochs", "1", "--pretrain-batch",
-                "16", "--methods", "lft_evograd", "--data-root", str(fewshot_root), "--out", str(tmp_path),
-                "--amp", "bf16"])
+    train.main([*FEWSHOT_TINY, "--data-root", str(fewshot_root), "--out", str(tmp_path), "--amp", "bf16"])
     assert _results(tmp_path, "cross_domain_fewshot_*_lft_evograd_seed3.json")["config"]["amp"] == "bf16"
 
 
@@ -212,3 +243,27 @@ def test_bench_bf16_tiny(tmp_path):
                 "--no-memory", "--amp", "bf16", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == {"evograd", "second_order"} and all(r["amp"] == "bf16" for r in rows)
+
+
+def test_precision_study_smoke_and_a_raising_estimator_is_a_row_not_a_crash(tmp_path, monkeypatch, capsys):
+    from common import precision_study
+    real = precision_study.hypergradient
+
+    def cg_overflows_in_fp16(setting, instance, seed, amp, device):
+        if setting.method == "cg" and amp == "fp16":
+            raise ValueError("cg: train_loss_fn's Hessian-vector products are non-finite (test)")
+        return real(setting, instance, seed, amp, device)
+    monkeypatch.setattr(precision_study, "hypergradient", cg_overflows_in_fp16)
+    run_cli(precision_study.main, ["--problems", "one_d", "--draws", "2", "--amp", "bf16", "fp16",
+                                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "precision_study.json").read_text())["rows"]
+    assert len(rows) == 2 * len(precision_study.precision_settings("evograd", 0.5))
+    cg = {r["amp"]: r for r in rows if r["label"] == "cg J=10"}
+    assert cg["fp16"]["failed_draws"] == 2 and "non-finite" in cg["fp16"]["error"]
+    assert cg["bf16"]["failed_draws"] == 0 and cg["bf16"]["cos_to_float32"] == pytest.approx(1.0, abs=1e-6)
+    assert "| one_d | cg J=10 | fp16 | raised on 2 of 2 draws: cg: train_loss_fn's Hessian" in out
+    with pytest.raises(ValueError, match="unrelated"):   # only a non-finite value becomes a row
+        monkeypatch.setattr(precision_study, "hypergradient",
+                            lambda *a: (_ for _ in ()).throw(ValueError("unrelated bug")))
+        precision_study.run_problem("one_d", 1, 0, ["bf16"], torch.device("cpu"), tmp_path / "cache")
