@@ -53,7 +53,7 @@ FINITE_DIFFERENCE_OPTIONS = ("inner_lr", "fd_epsilon")
 MULTISTEP_OPTIONS = ("inner_lr", "inner_steps", "window")
 CG_OPTIONS = ("cg_iters", "cg_damping", "cg_tol")
 NEUMANN_OPTIONS = ("neumann_iters", "neumann_alpha", "inner_lr")
-SAMA_OPTIONS = ("inner_lr", "base_optimizer", "fd_epsilon")
+SAMA_OPTIONS = ("inner_lr", "base_optimizer", "fd_epsilon", "differences_in_float32")
 
 
 def _evograd(params, hyperparams, train_loss_fn, val_loss_fn, **options) -> float:

@@ -22,6 +22,7 @@ L_val may depend on it directly), accumulate the hypergradient into ``h.grad`` f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from common.estimators import _grads_or_zeros
 from common.evograd import check_finite_losses, scalar_loss
+from common.precision import full_precision
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -351,6 +353,7 @@ def sama_hypergrad(
     inner_lr: float | None = None,
     base_optimizer: torch.optim.Optimizer | None = None,
     fd_epsilon: float = 0.01,
+    differences_in_float32: bool = True,
 ) -> Tensor:
     """SAMA hypergradient (Choe et al., NeurIPS 2023, "Making Scalable Meta Learning Practical").
 
@@ -379,6 +382,12 @@ def sama_hypergrad(
         inner_lr: η of plain SGD, used when ``base_optimizer`` is None.
         base_optimizer: None (plain SGD with ``inner_lr``), or a ``torch.optim.SGD``/``Adam``/``AdamW``.
         fd_epsilon: norm of the finite-difference perturbation, > 0.
+        differences_in_float32: under ``torch.autocast``, run the two passes at θ ± εPv (forward
+            and backward) with autocast off, in float32 (``common.precision.full_precision``), as
+            EvoGrad's candidates: their difference is a small change of two gradients, and in
+            bfloat16 it is mostly rounding (MWN on MNIST: cosine 0.74 with the float32
+            hypergradient under autocast, 0.99 with these passes in float32;
+            ``common/HYPERGRAD_STUDY.md``, "Reduced precision"). No effect outside autocast.
 
     Returns:
         L_val(θ) (a detached scalar tensor).
@@ -411,10 +420,11 @@ def sama_hypergrad(
     side = []
     for sign in (1.0, -1.0):
         shifted = {n: t + (sign * eps * d).to(t.dtype) for n, t, d in zip(names, theta, pv)}
-        loss = scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
+        with full_precision() if differences_in_float32 else contextlib.nullcontext():
+            loss = scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
+            side.append(_grads_or_zeros(loss, hyperparams))
         losses.append(loss.detach())
         whats.append(f"train_loss_fn (finite difference, {'+' if sign > 0 else '−'})")
-        side.append(_grads_or_zeros(loss, hyperparams))
         del shifted, loss
     total = [d - ((gp - gm) / (2 * eps)).to(d.dtype) for d, gp, gm in zip(direct, *side)]
     check_finite_losses(torch.stack(losses), whats)

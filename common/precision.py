@@ -76,7 +76,8 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
 def full_precision() -> Iterator[None]:
     """Turn off every active autocast (cpu, cuda) inside: ops run in their inputs' dtype (float32).
 
-    Used by EvoGrad for its candidate passes; outside autocast it changes nothing.
+    Used by EvoGrad for its candidate passes and by SAMA for its two finite-difference passes;
+    outside autocast it changes nothing.
     """
     with contextlib.ExitStack() as stack:
         for device_type in AUTOCAST_DEVICE_TYPES:

@@ -14,7 +14,8 @@ and records cos(g_amp, g_32) and ‖g_amp − g_32‖/‖g_32‖ (rotation's λ 
 its cosine is the sign agreement ±1 and the relative error tells more), plus cos(g_32, g_ref) and cos(g_amp, g_ref) against the problem's
 reference hypergradient (a long float32 unroll). EvoGrad runs twice under autocast: with its
 candidate passes in float32 (``candidates_in_float32=True``, the default) and under the caller's
-autocast like everything else (``False``). Output: the Markdown table on stdout and
+autocast like everything else (``False``); SAMA likewise, with its two finite-difference passes in
+float32 (``differences_in_float32=True``, the default) and under autocast. Output: the Markdown table on stdout and
 ``precision_study.json`` (rows, command, environment) in ``--out``.
 """
 from __future__ import annotations
@@ -41,7 +42,9 @@ AMP_CHOICES = tuple(AMP_DTYPES)  # bf16, fp16
 
 def precision_settings(evograd_method: str, inner_lr: float) -> list[EstimatorSetting]:
     """EvoGrad K = 2 and 10 (paper's σ = 1e-3, τ = 0.05) with and without float32 candidates, and
-    the one-step second-order, finite-difference, 5-step unrolled and conjugate-gradient estimators."""
+    the one-step second-order, finite-difference, 5-step unrolled, conjugate-gradient, Neumann and
+    SAMA (plain SGD at the problem's η; its finite-difference passes in float32, the default, and
+    under autocast) estimators."""
     settings = []
     for k in (2, 10):
         for in_float32 in (True, False):
@@ -53,7 +56,11 @@ def precision_settings(evograd_method: str, inner_lr: float) -> list[EstimatorSe
                  EstimatorSetting("finite_difference", "finite_difference", {"inner_lr": inner_lr, "fd_epsilon": 0.01},
                                   "one-step"),
                  EstimatorSetting("unrolled T=5", "unrolled", {"inner_lr": inner_lr, "inner_steps": 5}, "unrolled"),
-                 EstimatorSetting("cg J=10", "cg", {"cg_iters": 10, "cg_damping": 0.0, "cg_tol": 1e-6}, "cg")]
+                 EstimatorSetting("cg J=10", "cg", {"cg_iters": 10, "cg_damping": 0.0, "cg_tol": 1e-6}, "cg"),
+                 EstimatorSetting("neumann J=5", "neumann", {"neumann_iters": 5, "neumann_alpha": inner_lr}, "neumann"),
+                 EstimatorSetting("sama (SGD)", "sama", {"inner_lr": inner_lr, "fd_epsilon": 0.01}, "sama"),
+                 EstimatorSetting("sama (SGD), differences under autocast", "sama",
+                                  {"inner_lr": inner_lr, "fd_epsilon": 0.01, "differences_in_float32": False}, "sama")]
     return settings
 
 
