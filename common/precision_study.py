@@ -131,11 +131,12 @@ def format_table(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("failed_draws"):  # the estimator raised (a non-finite value) on these draws
-            failed = f"raised on {r['failed_draws']} of {r['draws']} draws: {r['error']}"
+            failed = f"raised on {r['failed_draws']} of {r['draws']} draws"
             if r["failed_draws"] == r["draws"]:
-                lines.append(f"| {r['problem']} | {r['label']} | {r['amp']} | {failed} | | | |")
+                reason = r["error"].split(" (")[0]  # the message without its advice
+                lines.append(f"| {r['problem']} | {r['label']} | {r['amp']} | {failed}: {reason} | | | |")
                 continue
-            r = {**r, "label": f"{r['label']} ({failed})"}
+            r = {**r, "label": f"{r['label']} ({failed}; columns over the other {r['draws'] - r['failed_draws']})"}
         lines.append(f"| {r['problem']} | {r['label']} | {r['amp']} | {r['cos_to_float32']:.4f} ± "
                      f"{r['cos_to_float32_std']:.4f} ({r['cos_to_float32_min']:.3f}) | "
                      f"{r['rel_error_to_float32_median']:.3g} | "
