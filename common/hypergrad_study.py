@@ -505,18 +505,27 @@ def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None =
         ax.errorbar(xs, ys, yerr=sems, color=color, marker=marker, ms=6 if marker != "*" else 9, lw=1.2,
                     elinewidth=0.7, capsize=1.5, alpha=0.9, label=text, mec="white" if marker not in "xX" else color,
                     mew=0.5)
-    points = [(_cost(r, axis), r["cosine"]) for r in shown]
-    logs = [math.log(x) for x, _ in points] or [0.0]
-    low, span = min(logs), max(max(logs) - min(logs), 1e-9)
-    for n, i in enumerate(sorted(pareto_front(points), key=lambda i: points[i][0])):
-        right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
-        ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, color="0.15",
-                    xytext=(-4 if right_side else 4, -10 if n % 2 == 0 or points[i][1] > 0.85 else 5), textcoords="offset points",
-                    ha="right" if right_side else "left", zorder=1.5,
-                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-1.05, 1.1)
+    points = [(_cost(r, axis), r["cosine"]) for r in shown]
+    logs = [math.log(x) for x, _ in points] or [0.0]
+    low, span = min(logs), max(max(logs) - min(logs), 1e-9)
+    renderer, placed = ax.figure.canvas.get_renderer(), []  # the boxes of the labels drawn so far
+    for i in sorted(pareto_front(points), key=lambda i: points[i][0]):
+        right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
+        # below the point first, then above, then further out: the first place that overlaps no label
+        offsets = (-10, 5, -19, 14, -28, 23) if points[i][1] <= 0.85 else (-10, -19, -28, 5)
+        for k, dy in enumerate(offsets):
+            text = ax.annotate(short_label(shown[i]["label"]), points[i], fontsize=label_size, color="0.15",
+                               xytext=(-4 if right_side else 4, dy), textcoords="offset points",
+                               ha="right" if right_side else "left", zorder=1.5,
+                               bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
+            box = text.get_window_extent(renderer)
+            if k == len(offsets) - 1 or not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
     ax.axhline(0, color="0.6", lw=0.6, zorder=0)
     ax.set_xlabel("ms per hypergradient" if axis == "time" else "peak MB above start (one call)")
     ax.grid(alpha=0.25)
