@@ -195,19 +195,35 @@ def data_parallel_worker(name: str, config: dict, method: str, device: torch.dev
 
 def measure_data_parallel(name: str, config: dict, method: str, nproc: int, device: torch.device, warmup: int,
                           reps: int, amp: str = "none") -> dict:
-    """One ``torchrun --standalone --nproc_per_node nproc`` of ``data_parallel_worker``."""
+    """One ``torchrun --standalone --nproc_per_node nproc`` of ``data_parallel_worker``.
+
+    A failed launch is tried once more: one launch in a full test run failed once and not again
+    (the cause is not known; ``torchrun --standalone`` picks free ports by binding and releasing
+    them, which another process can take in between). The row then records the first attempt's
+    error as ``retried_after``; a failure on both attempts is the row's ``error``.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "common.bench", "--dp-worker", name, json.dumps(config), method,
            "--device", device.type, "--warmup", str(warmup), "--reps", str(reps), "--amp", amp]
+    row, first_error = _launch(cmd)
+    if row is not None:
+        return row
+    row, error = _launch(cmd)
+    if row is not None:
+        return {**row, "retried_after": first_error}
+    return {"processes": nproc, "time_s": None, "error": error, "retried_after": first_error}
+
+
+def _launch(cmd: list[str]) -> tuple[dict | None, str | None]:
+    """Run one torchrun command: (the worker's JSON row, None), or (None, its first error line)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        # the first worker's one-line error or exception line (torchrun's own summary comes last)
-        errors = [line for line in proc.stderr.splitlines()
-                  if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
-        return {"processes": nproc, "time_s": None,
-                "error": (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0][:200]}
-    return json.loads(lines[-1])
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1]), None
+    # the first worker's one-line error or exception line (torchrun's own summary comes last)
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return None, (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0][:200]
 
 
 def format_data_parallel_table(rows: list[dict]) -> str:

@@ -205,11 +205,30 @@ def test_bench_nproc_times_two_processes_on_halves_of_the_batch(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
+    assert [r.get("error") for r in rows] == [None], rows
     assert [(r["processes"], r["batch_per_rank"]) for r in rows] == [(2, 8)]
     for r in rows:
         assert r["time_s"] > 0 and len(r["peak_mem_mb_per_rank"]) == r["processes"]
         assert all(mb > 0 for mb in r["peak_total_mb_per_rank"])
     assert "| evograd | 2 | 8 |" in proc.stdout
+
+
+def test_bench_nproc_tries_a_failed_launch_once_more_and_says_so(monkeypatch):
+    class Done:
+        def __init__(self, code, out="", err=""):
+            self.returncode, self.stdout, self.stderr = code, out, err
+    row = json.dumps({"processes": 2, "batch_per_rank": 8, "time_s": 0.1})
+    for outcomes, want in [
+        ([Done(1, err="error: port taken"), Done(0, out=row)], {"time_s": 0.1, "retried_after": "error: port taken"}),
+        ([Done(1, err="error: port taken"), Done(1, err="ValueError: bad")],
+         {"time_s": None, "error": "ValueError: bad", "retried_after": "error: port taken"}),
+        ([Done(0, out=row)], {"time_s": 0.1}),
+    ]:
+        calls = iter(outcomes)
+        monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: next(calls))
+        got = bench.measure_data_parallel("rotation", {"batch": 16}, "evograd", 2, torch.device("cpu"), 0, 1)
+        assert {k: got.get(k) for k in want} == want and ("retried_after" in got) == ("retried_after" in want)
+        assert next(calls, None) is None   # no launch beyond the second
 
 
 def test_bench_nproc_that_does_not_divide_the_batch_is_a_one_line_error(capsys):
