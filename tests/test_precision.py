@@ -40,13 +40,18 @@ def test_autocast_dtype_on_cpu(amp, dtype):
     assert Precision(amp, "cpu").dtype == dtype
 
 
-def test_backward_and_step_are_plain_outside_fp16():
-    """Without fp16 (or outside an iteration) the helpers are exactly loss.backward() and optimizer.step()."""
+def _twin_linears():
+    """A batch, two equal linear layers and an SGD optimiser for each (fixed seed)."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     ref, mine = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     mine.load_state_dict(ref.state_dict())
-    opt_ref, opt_mine = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mine.parameters(), lr=0.1)
+    return x, y, ref, mine, torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mine.parameters(), lr=0.1)
+
+
+def test_backward_and_step_are_plain_outside_fp16():
+    """Without fp16 (or outside an iteration) the helpers are exactly loss.backward() and optimizer.step()."""
+    x, y, ref, mine, opt_ref, opt_mine = _twin_linears()
     F.cross_entropy(ref(x), y).backward()
     opt_ref.step()
     with Precision("none", "cpu").iteration():
@@ -57,11 +62,7 @@ def test_backward_and_step_are_plain_outside_fp16():
 
 
 def test_fp16_scaler_unscales_and_skips_non_finite_steps():
-    torch.manual_seed(0)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    ref, mine = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    mine.load_state_dict(ref.state_dict())
-    opt_ref, opt_mine = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mine.parameters(), lr=0.1)
+    x, y, ref, mine, opt_ref, opt_mine = _twin_linears()
     with torch.autocast("cpu", dtype=torch.float16):
         F.cross_entropy(ref(x), y).backward()
     opt_ref.step()
