@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.precision import AMP_MODES, Precision
+from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
 from common.runtime import CLIError, import_experiment_modules, prepare_out_file, run_cli, select_device
@@ -365,9 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "process, which also reports its own (not interleaved) seconds per step; for "
                              "configs too big for all methods in one process")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="none", choices=list(AMP_MODES),
-                        help="mixed precision of every step: torch.autocast in bf16/fp16 (fp16: gradient scaler on "
-                             "the base model's step), as the trainers' --amp")
+    add_amp_arg(parser)  # --amp none|bf16|fp16, as the trainers'
     parser.add_argument("--out", help="write all rows to this JSON file")
     parser.add_argument("--nproc", type=int, nargs="+",
                         help="data parallel: run each method under torchrun with each of these numbers of processes "

@@ -36,7 +36,6 @@ so on a GPU the K candidates run without waiting for each other.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -271,7 +270,7 @@ def evograd_meta_loss(
             non-finite loss, or (``batch_candidates``) a ``train_loss_fn`` that vmap cannot run.
     """
     base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device)
-    with candidate_precision(candidates_in_float32):
+    with full_precision(candidates_in_float32):
         if batch_candidates:
             losses_t = _batched_candidate_losses(base, noise_spec, train_loss_fn)
         else:
@@ -292,11 +291,6 @@ def evograd_meta_loss(
     if return_diagnostics:
         return EvoGradOutput(val_loss, losses_t.detach(), weights.detach())
     return val_loss
-
-
-def candidate_precision(in_float32: bool):
-    """``full_precision()`` (autocast off) if ``in_float32``, else a context that changes nothing."""
-    return full_precision() if in_float32 else contextlib.nullcontext()
 
 
 # Set while ``train_loss_fn`` runs under vmap over candidates: ``functional_forward`` then keeps
@@ -378,7 +372,7 @@ def evograd_hypergrad_low_memory(
     losses, loss_grads = [], []  # loss_grads[k][i] = ∂ℓ_k/∂λ_i
     for k in range(n_candidates):
         candidate = {n: p + e for (n, p), e in zip(base.items(), noise_spec.sample(k, base.values()))}
-        with candidate_precision(candidates_in_float32):
+        with full_precision(candidates_in_float32):
             loss = scalar_loss(train_loss_fn(candidate), f"train_loss_fn (candidate {k})")
         del candidate
         with full_precision():  # backward outside autocast (on CPU it would recast the float32 graph)

@@ -22,7 +22,6 @@ L_val may depend on it directly), accumulate the hypergradient into ``h.grad`` f
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -420,7 +419,7 @@ def sama_hypergrad(
     side = []
     for sign in (1.0, -1.0):
         shifted = {n: t + (sign * eps * d).to(t.dtype) for n, t, d in zip(names, theta, pv)}
-        with full_precision() if differences_in_float32 else contextlib.nullcontext():
+        with full_precision(differences_in_float32):
             loss = scalar_loss(train_loss_fn(shifted), "train_loss_fn (finite difference)")
             side.append(_grads_or_zeros(loss, hyperparams))
         losses.append(loss.detach())

@@ -73,14 +73,15 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
 
 
 @contextlib.contextmanager
-def full_precision() -> Iterator[None]:
+def full_precision(enabled: bool = True) -> Iterator[None]:
     """Turn off every active autocast (cpu, cuda) inside: ops run in their inputs' dtype (float32).
 
-    Used by EvoGrad for its candidate passes and by SAMA for its two finite-difference passes;
-    outside autocast it changes nothing.
+    Used by EvoGrad for its candidate passes and by SAMA for its two finite-difference passes
+    (``enabled`` = their ``candidates_in_float32`` / ``differences_in_float32``); with
+    ``enabled=False``, or outside autocast, it changes nothing.
     """
     with contextlib.ExitStack() as stack:
-        for device_type in AUTOCAST_DEVICE_TYPES:
+        for device_type in AUTOCAST_DEVICE_TYPES if enabled else ():
             if torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         yield

@@ -103,8 +103,9 @@ def run_problem(name: str, draws: int, seed: int, amps: Sequence[str], device: t
                         raise
                     records.setdefault((setting.label, amp), []).append({"error": str(err)})
                     continue
+                to_float32 = fidelity(g, g32)
                 records.setdefault((setting.label, amp), []).append(
-                    {"cos_to_float32": cosine(g, g32), "rel_error_to_float32": fidelity(g, g32)["rel_error"],
+                    {"cos_to_float32": to_float32["cosine"], "rel_error_to_float32": to_float32["rel_error"],
                      "cos_amp_to_reference": cosine(g, instance.reference),
                      "cos_float32_to_reference": cosine(g32, instance.reference)})
     rows = []

@@ -238,8 +238,9 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         save_checkpoint(ckpt_path, {
             **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-            "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab, "model_config": model.config.to_dict(), "method": method,
-            "seed": seed, "setting": setting, "target": data["lang"]}, vars(args))
+            "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab,
+            "model_config": model.config.to_dict(), "method": method, "seed": seed, "setting": setting,
+            "target": data["lang"]}, vars(args))
 
     best = max(history, key=lambda h: h["dev_f1"])
     metrics = {"test_f1": best["test_f1"], "dev_f1": best["dev_f1"], "best_epoch": best["epoch"],
