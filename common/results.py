@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -145,8 +146,38 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+DATA_ROOT_FLAGS = ("--data-root", "--data_root")
+
+
+def portable_command(argv: Iterable[str] | None = None) -> str:
+    """The command line that made this process, as a reader can repeat it.
+
+    ``python -m <module> <args>`` (or ``torchrun ... -m`` as ``python -m`` with the same args: the
+    world size is in the config), with a ``--data-root`` value written as ``path/to/<its last
+    folder>`` so that no path of the machine that ran it ends up in a committed results file.
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    args = list(sys.argv[1:] if argv is None else argv)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", Path(sys.argv[0]).name]
+    out, skip = [], False
+    for token in args:
+        if skip:
+            out.append("path/to/" + Path(token).name)
+            skip = False
+            continue
+        flag, eq, value = token.partition("=")
+        if flag in DATA_ROOT_FLAGS:
+            if eq:
+                token = f"{flag}=path/to/{Path(value).name}"
+            else:
+                skip = True
+        out.append(token)
+    return shlex.join(head + out)
+
+
 def env_info() -> dict[str, Any]:
-    """Versions and machine facts recorded with every run."""
+    """Versions and machine facts recorded with every run, the command that ran it and the load then."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).resolve().parent).stdout.strip() or None
@@ -162,6 +193,9 @@ def env_info() -> dict[str, Any]:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": commit,
+        "command": portable_command(),
+        # 1-minute load average when the file was written: how busy the machine was (timings)
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     return info
 

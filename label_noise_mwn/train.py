@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,18 +208,17 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         options = {**estimator_options(args), "inner_lr": lr, "n_candidates": args.n_candidates,
                    "sigma": args.sigma, "temperature": args.temperature, "noise": "sign", "generator": generator}
         order = torch.randperm(len(train_images), generator=data_gen)
-        meta_order = torch.randperm(len(meta_images), generator=data_gen)
+        meta_batches = reshuffled_batches(len(meta_images), args.meta_batch_size, data_gen)
         sums = {"train_loss": 0.0, "meta_loss": 0.0, "w_clean": 0.0, "n_clean": 0, "w_noisy": 0.0, "n_noisy": 0}
         batches = range(0, len(order), args.batch_size)
         model.train()
         shown = progress(batches, desc=f"{method} s{seed} ep{epoch + 1}/{args.epochs}", leave=False) \
             if is_main_process() else batches
-        for b, start in enumerate(shown):
+        for start in shown:
             # torchrun: every rank builds the same global batches (same generator), then keeps its shard
             batch_idx = order[start:start + args.batch_size]
             idx = shard(batch_idx)
-            m_start = (b * args.meta_batch_size) % len(meta_images)
-            m_idx = meta_order.roll(-m_start)[:args.meta_batch_size]
+            m_idx = next(meta_batches)
             x = shard(batch_inputs(train_images[batch_idx], data, data_gen, flip)).to(device)
             y = split.train_labels[idx].to(device)
             meta_x = shard(batch_inputs(meta_images[m_idx], data, data_gen, flip)).to(device)
@@ -301,6 +300,18 @@ def plot_curves(records: list[dict], out: Path) -> None:
         ax.legend(fontsize=7)
         # no "." in the stem: save_figure swaps the suffix
         save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting.replace('.', 'p')}_test_acc")
+
+
+def reshuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of a set of ``n`` without end, reshuffled at the start of every pass.
+
+    The authors' meta loader (``shuffle=True``, no ``drop_last``), restarted with ``iter()`` whenever
+    it runs out (LabelNoiseMetaWeightNet/meta-weight-net-label-noise.py, ``train_evo``): consecutive
+    slices of one permutation, the last one of a pass short when ``batch_size`` does not divide ``n``.
+    """
+    while True:
+        order = torch.randperm(n, generator=generator)
+        yield from order.split(batch_size)
 
 
 def log(message: str) -> None:

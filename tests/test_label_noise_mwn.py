@@ -410,3 +410,19 @@ def test_actual_step_reports_the_unweighted_loss_for_the_divergence_check():
     assert unweighted.item() == pytest.approx(expected, rel=1e-6) and raw.shape == (6,)
     weighted, unweighted, raw = actual_step(model, None, opt, x, y)
     assert raw is None and unweighted.item() == pytest.approx(weighted, rel=1e-6)
+
+
+def test_meta_batches_reshuffle_every_pass_like_the_authors_loader():
+    """Each pass over the meta set is a new permutation; the last batch of a pass is short."""
+    from label_noise_mwn.train import reshuffled_batches
+    gen = torch.Generator().manual_seed(0)
+    batches = reshuffled_batches(10, 4, gen)
+    passes = [[next(batches) for _ in range(3)] for _ in range(3)]
+    for one in passes:
+        assert [len(b) for b in one] == [4, 4, 2]
+        assert sorted(torch.cat(one).tolist()) == list(range(10))
+    orders = [torch.cat(one).tolist() for one in passes]
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    check = torch.Generator().manual_seed(0)
+    assert orders[0] == torch.randperm(10, generator=check).tolist()
+    assert orders[1] == torch.randperm(10, generator=check).tolist()
