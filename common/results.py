@@ -247,13 +247,14 @@ def write_results(out_dir: str | Path, *, experiment: str, method: str, seed: in
     return atomic_write_json(results_path(out_dir, experiment, setting, method, seed), record)
 
 
-def load_results(folder: str | Path) -> list[dict]:
+def load_results(folder: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
     """Every valid results file under ``folder`` (recursively), sorted by path.
 
     JSON objects without the results keys (benchmark outputs, file lists, data stamps) are
     skipped silently. A file that cannot be a results file's sound copy (not UTF-8, malformed or
     truncated JSON, or a results record whose keys have the wrong types, ``"metrics": null``) is
-    skipped with a warning on stderr naming it, so that no run disappears unnoticed.
+    skipped with a warning on stderr naming it, so that no run disappears unnoticed; a list passed
+    as ``skipped`` also receives ``(path, why)`` for each, for a report to show.
 
     Raises:
         ValueError: if ``folder`` does not exist.
@@ -266,6 +267,8 @@ def load_results(folder: str | Path) -> list[dict]:
         record, problem = _read_results_file(path)
         if problem:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append((path, problem))
         elif record is not None:
             record["_path"] = str(path)
             records.append(record)
@@ -299,15 +302,28 @@ def _read_results_file(path: Path) -> tuple[dict | None, str | None]:
     return record, None
 
 
+def process_count() -> int:
+    """The number of processes of this run: the torchrun world size, 1 without a process group."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def save_checkpoint(path: str | Path, state: dict, config: dict) -> Path:
-    """``torch.save({"config": config, **state})`` atomically (nanoGPT style: config travels along)."""
+    """``torch.save({"config": config, **state})`` atomically (nanoGPT style: config travels along).
+
+    The config gains ``processes`` (``process_count()``): a resume checks it (``resume_checkpoint``).
+    """
     path = Path(path)
+    config = {**config, "processes": process_count()}
     _atomic_write(path, lambda handle: torch.save({"config": config, **state}, handle))
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by ``save_checkpoint``.
+RESTART_FIX = "delete it; --resume then starts that run over (finished runs are kept)"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", fix: str = RESTART_FIX) -> dict:
+    """Load a checkpoint written by ``save_checkpoint``; ``fix`` ends the error message (what to do).
 
     Raises:
         FileNotFoundError: if there is none (callers turn this into a CLI error for --resume).
@@ -316,7 +332,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    fix = "delete it, or rerun without --resume to start that run over"
     if path.stat().st_size == 0:
         raise RunFileError(f"checkpoint {path} is empty (0 bytes): {fix}")
     try:
@@ -370,12 +385,19 @@ def resume_checkpoint(path: str | Path, config: Mapping[str, Any], map_location:
     state = load_checkpoint(path, map_location)
     saved = state.get("config")
     if not isinstance(saved, Mapping):
-        raise RunFileError(f"checkpoint {path} carries no config to check the resume against: delete it, "
-                           "or rerun without --resume to start that run over")
-    diffs = config_differences(saved, config, RESUME_MAY_CHANGE | set(may_change))
+        raise RunFileError(f"checkpoint {path} carries no config to check the resume against: {RESTART_FIX}")
+    # batches are sharded over the processes and every rank keeps its own generators: a run resumed
+    # under another world size would continue a different run and mix the two
+    saved_processes, processes = saved.get("processes", 1), process_count()
+    if saved_processes != processes:
+        raise RunFileError(f"--resume: checkpoint {path} was written by a run of {saved_processes} process(es), "
+                           f"this one has {processes}: resume it with the same number of processes "
+                           f"({'torchrun --nproc_per_node ' + str(saved_processes) if saved_processes != 1 else 'no torchrun'}), "
+                           "or delete it to start that run over")
+    diffs = config_differences(saved, config, RESUME_MAY_CHANGE | set(may_change) | {"processes"})
     if diffs:
         raise RunFileError(f"--resume: checkpoint {path} was written with other settings: {', '.join(diffs)}; "
-                           "rerun with the checkpoint's settings, or without --resume to start that run over")
+                           "rerun with the checkpoint's settings, or delete it to start that run over")
     return state
 
 
@@ -393,7 +415,7 @@ def restore_states(state: Mapping[str, Any], objects: Mapping[str, Any], path: s
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             reason = (str(err).strip().splitlines() or [""])[0][:160]
             raise RunFileError(f"checkpoint {path} does not fit this run ({name}: {type(err).__name__}: {reason}): "
-                               "delete it, or rerun without --resume to start that run over") from None
+                               f"{RESTART_FIX}") from None
 
 
 def note_resume(efficiency: dict, resumed_at_epoch: int) -> dict:

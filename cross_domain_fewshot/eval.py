@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the episode sampler")
     args = parser.parse_args(argv)
     try:
-        state = load_checkpoint(args.checkpoint)
+        state = load_checkpoint(args.checkpoint, fix="pass a checkpoint that the train stage wrote")
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
     if "best_model" not in state:

@@ -24,19 +24,23 @@ from label_noise_mwn.models import VNet
 from label_noise_mwn.mwn import accuracy, init_models
 
 LOSS_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+CONFIG_KEYS = {"dataset", "data_root", "seed", "depth", "width", "base_channels", "vnet_hidden", "method", "setting"}
 
 
 def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str = "auto") -> dict:
     """Test accuracy and VNet weights of one checkpoint written by ``label_noise_mwn.train``."""
+    fix = "pass a checkpoint that python -m label_noise_mwn.train wrote (in <out>/checkpoints/)"
     try:
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, fix=fix)
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is a user-facing error here
-        raise CLIError(f"cannot read checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CLIError(f"{checkpoint} is not a label_noise_mwn checkpoint")
-    config = state["config"]
+        raise CLIError(f"cannot read checkpoint {checkpoint}: {err}") from None
+    config = state.get("config")
+    missing = sorted(CONFIG_KEYS - set(config)) if isinstance(config, dict) else None
+    if "model" not in state or "vnet" not in state or missing is None or missing:
+        what = "no config" if missing is None else f"no {missing} in its config" if missing else "no VNet"
+        raise CLIError(f"{checkpoint} is not a label_noise_mwn checkpoint ({what}; another experiment's?): {fix}")
     dev = select_device(device)
     data = load_dataset(config["dataset"], data_root if data_root is not None else config["data_root"])
     # the run's models as initialised from its seed: the classifier gets the saved weights, VNet is

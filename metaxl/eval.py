@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
     device = select_device(args.device)
     try:
-        ckpt = load_checkpoint(args.checkpoint, map_location=device)
+        ckpt = load_checkpoint(args.checkpoint, map_location=device, fix="pass a checkpoint that metaxl.train wrote")
     except FileNotFoundError as err:
         raise CLIError(f"{err}; train first with python -m metaxl.train") from None
     except Exception as err:  # a truncated or foreign file

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.results import write_results
+from common.results import save_checkpoint, write_results
 from common.runtime import CLIError, run_cli
 
 EFFICIENCY = {"meta_step_s": 0.5, "peak_mem_mb": 10.0, "device": "cpu"}
@@ -70,6 +70,10 @@ CASES = [
      ["data_batch_1", "pixel values in 300..300", "expected 0..255"]),
     ("label_noise_mwn.train", ["--dataset", "cifar10", "--data-root", "{tmp}/cifar_classes", "--out", "{tmp}/out"], 2,
      ["test_batch", "labels in 3..12 name unknown classes", "0..9"]),
+    ("label_noise_mwn.eval", ["{tmp}/rotation.pt"], 2,
+     ["rotation.pt is not a label_noise_mwn checkpoint", "['base_channels', 'data_root', 'dataset'", "another experiment's"]),
+    ("label_noise_mwn.eval", ["{tmp}/garbage.pt"], 2,
+     ["garbage.pt is unreadable", "pass a checkpoint that python -m label_noise_mwn.train wrote"]),
     # --- cross-domain few-shot: arguments, then file lists read before any stage
     ("cross_domain_fewshot.train", ["--quick", "--n-candidates", "1"], 2, ["--n-candidates", "must be >= 2"]),
     ("cross_domain_fewshot.train", ["--quick", "--threads", "-1"], 2, ["--threads", "must be >= 0"]),
@@ -114,6 +118,9 @@ CASES = [
     ("common.report", ["{tmp}/empty"], 2, ["no results files"]),
     ("common.report", [], 2, ["the following arguments are required: results_dir"]),
 ]
+
+
+NO_OUT = ("common.report", "common.bench", "label_noise_mwn.eval")  # entry points without --out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +203,8 @@ def bad_data(tmp_path_factory) -> Path:
     (tmp / "results_twice" / "copy").mkdir()
     shutil.copy(first, tmp / "results_twice" / "copy" / first.name)
     (tmp / "empty").mkdir()
+    save_checkpoint(tmp / "rotation.pt", {"model": {}, "transformer": {}}, {"lr": 1e-3, "width": 1, "seed": 1})
+    (tmp / "garbage.pt").write_bytes(b"not a torch file")
     return tmp
 
 
@@ -208,7 +217,7 @@ def bad_data(tmp_path_factory) -> Path:
 def test_bad_input_is_one_line_and_a_status(entry, argv, code, words, bad_data, tmp_path, capsys):
     argv = [a.replace("{tmp}/out", str(tmp_path / "out")).replace("{tmp}", str(bad_data)) for a in argv]
     out = tmp_path / "out"
-    if entry not in ("common.report", "common.bench") and "--out" not in argv:
+    if entry not in NO_OUT and "--out" not in argv:
         argv += ["--out", str(out)]
     main = importlib.import_module(entry).main
     with pytest.raises(SystemExit) as done:

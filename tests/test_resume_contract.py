@@ -58,6 +58,18 @@ def test_resume_checkpoint_refuses_other_settings_and_corrupt_files(tmp_path):
         assert str(path) in str(info.value) and "delete it" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_resume_refuses_a_checkpoint_of_another_number_of_processes(tmp_path, monkeypatch):
+    from common import results
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, {"epoch": 1}, {"lr": 0.1})                 # one process
+    monkeypatch.setattr(results, "process_count", lambda: 2)         # resumed by torchrun --nproc_per_node 2
+    with pytest.raises(RunFileError, match=r"1 process\(es\), this one has 2: .*no torchrun"):
+        resume_checkpoint(path, {"lr": 0.1})
+    save_checkpoint(path, {"epoch": 2}, {"lr": 0.1})                 # written by 2 processes
+    assert torch.load(path, weights_only=False)["config"]["processes"] == 2
+    assert resume_checkpoint(path, {"lr": 0.1})["epoch"] == 2
+
+
 def test_restore_states_turns_a_shape_mismatch_into_one_line(tmp_path):
     state = {"model": nn.Linear(3, 2).state_dict()}
     restore_states(state, {"model": nn.Linear(3, 2), "absent": None}, "c.pt")
@@ -242,7 +254,17 @@ def test_resume_contract_of_each_trainer(name, tmp_path, capsys, fewshot_root, c
     assert not result.exists()
     if name == "cross_domain_fewshot":  # the standalone eval reads the same checkpoint
         code, error = _cli(capsys, fewshot_eval.main, ["--checkpoint", str(ckpt)])
-        assert code == 2 and str(ckpt) in error and "not a torch file" in error
+        assert code == 2 and str(ckpt) in error and "not a torch file" in error and "--resume" not in error
+    ckpt.write_bytes(good)
+
+    # a checkpoint of a 2-process (torchrun) run resumed by one process: refused, naming the world size
+    state = torch.load(ckpt, weights_only=False)
+    assert state["config"]["processes"] == 1
+    state["config"]["processes"] = 2
+    torch.save(state, ckpt)
+    code, error = _cli(capsys, trainer.main, [*argv, "--resume"])
+    assert code == 2 and str(ckpt) in error and "2 process(es), this one has 1" in error, error
+    assert not result.exists()
     ckpt.write_bytes(good)
 
     # --overwrite reruns the finished run from scratch: a new file, the same (seeded) metrics
