@@ -78,6 +78,16 @@ def _validation_gradients(names: list[str], theta: list[Tensor], hyperparams: li
     return val_loss.detach(), grads[: len(leaves)], grads[len(leaves):]
 
 
+def _overflow_advice(solver: str, device: torch.device) -> str:
+    """What to change when the Hessian-vector products overflow: the precision under float16
+    autocast, else the step of the Neumann series or CG's damping."""
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16:
+        return "an overflow in float16 autocast: run the estimator in bfloat16 or float32 (--amp bf16 or none)"
+    if solver == "neumann":
+        return "the Neumann series diverges when its step α is above 2/λ_max(H): lower neumann_alpha (--neumann_alpha)"
+    return "an overflow of the curvature: raise cg_damping (--cg_damping) or lower the learning rate"
+
+
 def _accumulate(hyperparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     with torch.no_grad():
         for h, g in zip(hyperparams, grads):
@@ -247,8 +257,8 @@ def implicit_hypergrad(
     except ValueError as err:
         if not str(err).startswith(products_name):
             raise
-        raise ValueError(f"{solver}: {products_name} are non-finite (an overflow, e.g. in float16 autocast: "
-                         "run the estimator in bfloat16 or float32)") from None
+        raise ValueError(f"{solver}: {products_name} are non-finite ({_overflow_advice(solver, val_loss.device)})"
+                         ) from None
     pairing = sum((train_grads[i] * x[i]).sum() for i in live) if live else None
     mixed = (_grads_or_zeros(pairing, hyperparams) if pairing is not None and pairing.requires_grad
              else [torch.zeros_like(h) for h in hyperparams])  # (∂²L_train/∂λ∂θ) x

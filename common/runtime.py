@@ -157,7 +157,8 @@ def finished_runs(result_files: Iterable[str | Path], resume: bool, overwrite: b
 
 
 class DivergenceGuard:
-    """Stops a run at its first non-finite loss, parameter or buffer, with one line naming where.
+    """Stops a run at its first non-finite or implausibly large loss, parameter or buffer, with one
+    line naming where.
 
     Usage (one per run; ``steps_done`` = steps already taken before a resume)::
 
@@ -169,49 +170,78 @@ class DivergenceGuard:
                 guard.check(training_loss=loss, meta_loss=meta_loss)
 
     ``check`` tests the given losses and every floating parameter and buffer of ``modules`` (BN
-    running statistics included). The error says to keep the last good checkpoint: callers raise
-    before saving one and before writing a results file.
+    running statistics included): NaN, infinite, or finite beyond the plausible bounds
+    (``loss_limit`` for a loss, ``parameter_limit`` for any entry of a parameter or buffer). A run
+    past them is diverged even while it stays finite: a cross-entropy loss of 1e10, a learned angle
+    of 1e9 radians or weights of 1e8 leave nothing meaningful to report (an exploding meta loss
+    with a training loss of 0.0000, say). The error says to keep the last good checkpoint: callers
+    raise before saving one and before writing a results file.
     """
 
+    LOSS_LIMIT = 1e4        # cross-entropy and its kin: |loss| > 1e4 means logits off by thousands
+    PARAMETER_LIMIT = 1e6   # weights, learned transformations, BN statistics of normalised inputs
+
     def __init__(self, experiment: str, method: str, seed: int, modules: Sequence[nn.Module | None],
-                 steps_done: int = 0) -> None:
+                 steps_done: int = 0, loss_limit: float = LOSS_LIMIT, parameter_limit: float = PARAMETER_LIMIT) -> None:
         self.where = f"{experiment} {method} seed {seed}"
         self.modules = [m for m in modules if m is not None]
         self.epoch = 0
         self.steps = steps_done
+        self.loss_limit = loss_limit
+        self.parameter_limit = parameter_limit
 
-    def _error(self, what: str) -> NonFiniteLossError:
+    def _error(self, what: str, hint: str | None = "lower the learning rate?") -> NonFiniteLossError:
         return NonFiniteLossError(f"{self.where} diverged at epoch {self.epoch} step {self.steps}: {what}; "
-                                  "stopped: the last good checkpoint is kept and no results file is written "
-                                  "(lower the learning rate?)")
+                                  "stopped: the last good checkpoint is kept and no results file is written"
+                                  + (f" ({hint})" if hint else ""))
 
     @contextlib.contextmanager
     def step(self, epoch: int) -> Iterator[None]:
-        """Count one step of ``epoch`` (1-based); turn a non-finite loss raised inside into the one line."""
+        """Count one step of ``epoch`` (1-based); turn a non-finite loss raised inside into the one line.
+
+        The learning-rate hint is added only to an exploding loss; an estimator's own error (an
+        overflow of Hessian-vector products, say) carries its own advice.
+        """
         self.epoch = epoch
         self.steps += 1
         try:
             yield
         except NonFiniteLossError as err:
-            raise self._error(str(err)) from None
+            raise self._error(str(err), hint=None) from None
         except ValueError as err:  # common.evograd.check_scalar_loss and the other estimators' checks
             if "non-finite" not in str(err):
                 raise
-            raise self._error(str(err)) from None
+            own_advice = "returned a non-finite loss" not in str(err)
+            raise self._error(str(err), hint=None if own_advice else "lower the learning rate?") from None
 
     def check(self, **losses: float | torch.Tensor | None) -> None:
-        """Raise ``NonFiniteLossError`` if a given loss, or any parameter or buffer, is NaN or infinite."""
+        """Raise ``NonFiniteLossError`` if a given loss, or any parameter or buffer, is NaN, infinite
+        or beyond its plausible bound (one host read for all the tensors)."""
         for name, value in losses.items():
             if value is None:
                 continue
             number = float(value.detach().flatten()[0]) if isinstance(value, torch.Tensor) else float(value)
+            label = name.replace("_", " ")
             if not math.isfinite(number):
-                raise self._error(f"non-finite {name.replace('_', ' ')} ({number})")
-        for module in self.modules:
-            for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
-                for name, tensor in named:
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise self._error(f"non-finite {kind} {type(module).__name__}.{name}")
+                raise self._error(f"non-finite {label} ({number})")
+            if abs(number) > self.loss_limit:
+                raise self._error(f"{label} {number:.3g} is beyond the plausible bound ±{self.loss_limit:.0e}")
+        named = [(kind, module, name, tensor) for module in self.modules
+                 for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
+                 for name, tensor in tensors if tensor.is_floating_point() and tensor.numel()]
+        if not named:
+            return
+        device = named[0][3].device
+        largest = torch.stack([t.detach().abs().amax().float().to(device) for *_, t in named])
+        ok = largest <= self.parameter_limit  # False for NaN too
+        if bool(ok.all()):
+            return
+        kind, module, name, tensor = named[int((~ok).nonzero()[0, 0])]
+        value = float(largest[int((~ok).nonzero()[0, 0])])
+        where = f"{kind} {type(module).__name__}.{name}"
+        if not bool(torch.isfinite(tensor).all()):
+            raise self._error(f"non-finite {where}")
+        raise self._error(f"{where} reached |value| {value:.3g}, beyond the plausible bound ±{self.parameter_limit:.0e}")
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:

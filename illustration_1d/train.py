@@ -126,6 +126,9 @@ def hypergradient_curves(args: argparse.Namespace, generator: torch.Generator) -
     return curves
 
 
+TRAJECTORY_LIMIT = 1e6  # the starts lie within a few units of the optimum; a path past this diverged
+
+
 def trajectory(start: torch.Tensor, steps: int, lr: float, hypergrad_fn, order: str = "x_first") -> torch.Tensor:
     """(x, λ) path of alternating SGD on x and hypergradient descent on λ.
 
@@ -197,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics[f"mae_k{k}"] = c["mae"]
             print(f"K = {k:>3}: Pearson r = {c['pearson_r']:.4f}, MAE = {c['mae']:.4f} "
                   f"({args.trials} trials x {args.grid} λ in {c['seconds']:.3f} s)")
+        for name, path in paths.items():  # an exploding path: no gap worth reporting
+            path = torch.tensor(path)
+            if not (torch.isfinite(path).all() and path.abs().max() <= TRAJECTORY_LIMIT):
+                who = "the ground truth's" if name == "truth" else f"K = {name}:"
+                raise CLIError(f"{who} trajectories diverged (|x| or |λ| beyond {TRAJECTORY_LIMIT:.0e}, or NaN) "
+                               f"with --traj-lr {args.traj_lr:g}: lower --traj-lr; nothing was written")
         truth_end = torch.tensor(paths["truth"])[:, -1, 1]
         for k in args.k_values:  # how far EvoGrad's final λ ends from the ground truth's, mean over starts
             gap = (torch.tensor(paths[str(k)])[:, -1, 1] - truth_end).abs().mean().item()

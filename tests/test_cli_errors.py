@@ -41,6 +41,7 @@ CASES = [
     ("illustration_1d.train", ["--sigma", "1000", "--temperature", "0.01"], 2,
      ["K = 2", "Pearson r is undefined", "nothing was written"]),
     ("illustration_1d.train", ["--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
+    ("illustration_1d.train", ["--traj-lr", "1e6"], 2, ["trajectories diverged", "lower --traj-lr", "nothing was written"]),
     ("illustration_1d.train", ["--data-root", "{tmp}"], 2, ["--data-root is not used"]),
     ("illustration_1d.train", ["--seed", "-1"], 2, ["--seed", "must be >= 0"]),
     ("illustration_1d.eval", ["--results-file", "{tmp}/results_metrics_null/toy_evograd_seed2.json"], 2,

@@ -128,6 +128,48 @@ def test_divergence_guard_checks_losses_parameters_buffers_and_estimator_errors(
             check_scalar_loss(torch.zeros(2), "val_loss_fn")
 
 
+def test_divergence_guard_stops_finite_but_implausible_losses_and_parameters():
+    model = nn.Linear(2, 2)
+    guard = DivergenceGuard("exp", "meth", 1, [model])
+    with guard.step(epoch=1):
+        pass
+    guard.check(training_loss=9e3, meta_loss=-9e3)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 1: meta loss 8\.6e\+10 is beyond the plausible "
+                                                 r"bound ±1e\+04; stopped.*\(lower the learning rate\?\)"):
+        guard.check(training_loss=0.0, meta_loss=8.6e10)
+    with torch.no_grad():
+        model.bias[1] = -2e9
+    with pytest.raises(NonFiniteLossError, match=r"parameter Linear\.bias reached \|value\| 2e\+09, beyond the "
+                                                 r"plausible bound ±1e\+06"):
+        guard.check(training_loss=0.5)
+    model.bias.data[1] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite parameter Linear.bias"):
+        guard.check()
+
+
+def test_divergence_guard_adds_the_learning_rate_hint_only_where_it_helps():
+    guard = DivergenceGuard("exp", "cg", 1, [])
+    with pytest.raises(NonFiniteLossError) as info:
+        with guard.step(epoch=1):
+            raise ValueError("cg: train_loss_fn's Hessian-vector products are non-finite (an overflow in float16 "
+                             "autocast: run the estimator in bfloat16 or float32 (--amp bf16 or none))")
+    assert "learning rate" not in str(info.value) and str(info.value).endswith("is written")
+    with pytest.raises(NonFiniteLossError, match=r"returned a non-finite loss \(nan\).*\(lower the learning rate\?\)"):
+        with guard.step(epoch=1):
+            check_scalar_loss(torch.tensor(float("nan")), "train_loss_fn")
+
+
+def test_neumann_overflow_names_its_step_not_the_precision():
+    from common.implicit import implicit_hypergrad
+    theta = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    train = lambda p: lam * (p["theta"] ** 2).sum()  # noqa: E731  (H = 2λ I: the series diverges for α > 1)
+    val = lambda p: ((p["theta"] - 1.0) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match=r"Neumann series diverges.*--neumann_alpha") as info:
+        implicit_hypergrad({"theta": theta}, [lam], train, val, solver="neumann", neumann_alpha=1e200, neumann_iters=5)
+    assert "float16" not in str(info.value)
+
+
 def test_finished_runs_refuse_skip_or_rerun(tmp_path):
     done, todo = tmp_path / "done.json", tmp_path / "todo.json"
     done.write_text("{}")
@@ -313,14 +355,32 @@ def test_bench_and_study_check_out_before_measuring(tmp_path, capsys, monkeypatc
     hypergrad_study.main(["--quick", "--out", str(tmp_path), "--resume"])
 
 
-def test_divergence_stops_naming_the_step_keeps_the_checkpoint_writes_no_results(tmp_path, capsys, cached_mwn_data):
-    argv = [*TRAINERS["label_noise_mwn"].argv, "--epochs", "2", "--lr", "1e6", "--out", str(tmp_path)]
+def test_divergence_stops_naming_the_step_keeps_the_checkpoint_writes_no_results(tmp_path, capsys, monkeypatch,
+                                                                                 cached_mwn_data):
+    real_lr_at = mwn_train.lr_at
+    monkeypatch.setattr(mwn_train, "lr_at", lambda epoch, *args: 1e6 if epoch == 1 else real_lr_at(epoch, *args))
+    argv = [*TRAINERS["label_noise_mwn"].argv, "--epochs", "2", "--out", str(tmp_path)]   # epoch 2 at lr 1e6
     code, error = _cli(capsys, mwn_train.main, argv)
-    assert code == 2 and "label_noise_mwn mwn_evograd seed 3 diverged at epoch 2 step" in error
-    assert "running_var" in error and "last good checkpoint is kept" in error
+    assert code == 2 and "label_noise_mwn mwn_evograd seed 3 diverged at epoch 2 step" in error, error
+    assert "beyond the plausible bound" in error and "last good checkpoint is kept" in error
     assert not list(tmp_path.glob("*.json"))
     state = load_checkpoint(_one(tmp_path, TRAINERS["label_noise_mwn"].checkpoint))
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+EXPLODING = {  # finite but meaningless: the runs that used to end with exit 0 and a normal results file
+    "rotation": ["--meta-lr", "1e9"],
+    "label_noise_mwn": ["--vnet_lr", "1e9"],
+    "metaxl": ["--meta_lr", "1e9"],
+    "cross_domain_fewshot": ["--fwt-lr", "1e9"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPLODING))
+def test_a_finite_explosion_stops_as_a_divergence(name, tmp_path, capsys, fewshot_root, cached_mwn_data):
+    code, error = _cli(capsys, TRAINERS[name].main, _argv(name, tmp_path, fewshot_root, *EXPLODING[name]))
+    assert code == 2 and "diverged at epoch 1 step" in error and "beyond the plausible bound" in error, error
+    assert not list(tmp_path.glob(TRAINERS[name].result))
 
 
 def test_a_non_finite_loss_inside_an_estimator_is_the_same_one_line(tmp_path, capsys):
