@@ -35,6 +35,17 @@ class NonFiniteLossError(CLIError):
     """A loss became NaN/inf; the message names the step."""
 
 
+class _DistinctSeeds(argparse.Action):
+    """``--seeds``: a seed named twice is refused (it would run twice and rewrite its own results file)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            parser.error(f"{option_string} names seed {', '.join(map(str, repeated))} more than once: "
+                         "each seed is one run; pass it once")
+        setattr(namespace, self.dest, values)
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int] = (1,),
                     default_out: str = "results") -> argparse.ArgumentParser:
     """Add the flags every experiment CLI has (DEVELOPERS.md): --quick, --device, --seed(s), ..."""
@@ -43,7 +54,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_seeds: Sequence[int
                         help="auto picks cuda when available")
     parser.add_argument("--seed", type=non_negative(int), default=None, help="run this one seed (overrides --seeds)")
     parser.add_argument("--seeds", type=non_negative(int), nargs="+", default=list(default_seeds),
-                        help="seeds to run one after another")
+                        action=_DistinctSeeds, help="seeds to run one after another")
     parser.add_argument("--data-root", default=None,
                         help="folder with the dataset files; default: the embedded offline data")
     parser.add_argument("--out", default=default_out, help="folder for results JSON files and figures")

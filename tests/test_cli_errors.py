@@ -50,6 +50,8 @@ CASES = [
     ("rotation.train", ["--k", "1"], 2, ["--k/--n-candidates", "must be >= 2"]),
     ("rotation.train", ["--threads", "-1"], 2, ["--threads", "must be > 0"]),
     ("rotation.train", ["--seeds", "1", "-2"], 2, ["--seeds", "must be >= 0"]),
+    ("rotation.train", ["--quick", "--seeds", "1", "2", "1"], 2, ["--seeds names seed 1 more than once", "pass it once"]),
+    ("label_noise_mwn.train", [*MWN, "--seeds", "3", "3"], 2, ["--seeds names seed 3 more than once"]),
     ("rotation.train", ["--data-root", "{tmp}/mnist_damaged", "--method", "baseline"], 2,
      ["train-images-idx3-ubyte.gz", "cannot decompress", "download it again"]),
     # --- Meta-Weight-Net: optimiser settings, sizes against the data, CIFAR pickles
