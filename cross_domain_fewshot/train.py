@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metric-based classifier")
     parser.add_argument("--width", type=positive(int), default=64, help="channels of the first stage (x8 at the end)")
     parser.add_argument("--image-size", type=positive(int), default=224, help="square input side in pixels")
-    parser.add_argument("--n-way", type=positive(int), default=5, help="classes per episode")
+    parser.add_argument("--n-way", type=at_least(2), default=5,
+                        help="classes per episode (>= 2: a 1-way episode is answered right by any model)")
     parser.add_argument("--n-shot", type=positive(int), default=5, help="support images per class (5 or 1)")
     parser.add_argument("--n-query", type=positive(int), default=16, help="query images per class")
     parser.add_argument("--pretrain-epochs", type=positive(int), default=400, help="passes over miniImagenet base")
@@ -161,11 +162,12 @@ def check_file_lists(args: argparse.Namespace) -> None:
     malformed list, or one with too few classes for an episode, is a DataError now rather than
     after pretraining. The test split comes first."""
     if args.stage in ("all", "eval"):
+        novel = domain_file_list(args.data_root, args.testset, "novel")  # a damaged list: its own error
         try:
-            episode_classes(domain_file_list(args.data_root, args.testset, "novel"), args.n_way, args.n_shot,
-                            args.test_queries)
-        except DataError as err:
-            raise DataError(f"{err} (lower --test-queries)") from None
+            episode_classes(novel, args.n_way, args.n_shot, args.test_queries)
+        except DataError as err:  # too few images per class for the test episodes
+            raise DataError(f"{err} (test episodes have --test-queries {args.test_queries} queries per class: "
+                            "lower it)") from None
     if args.stage in ("all", "pretrain", "train"):
         domain_file_list(args.data_root, PRETRAIN_DOMAIN, "base")
     if args.stage in ("all", "train"):
@@ -196,7 +198,8 @@ def check_test_split(cfg: dict) -> None:
     try:
         EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["test_queries"])
     except DataError as err:
-        raise DataError(f"{err} (lower --test-queries)") from None
+        raise DataError(f"{err} (test episodes have --test-queries {cfg['test_queries']} queries per class: "
+                        "lower it)") from None
 
 
 class PretrainNet(nn.Module):
@@ -361,8 +364,10 @@ def eval_method(cfg: dict, method: str, seed: int, device: torch.device, ckpt: P
                   config={**cfg, "method": method, "resolved_meta_order": resolve_meta_order(method, cfg["meta_order"]),
                           "processes": world_size()},
                   setting=setting_of(cfg), metrics=metrics, efficiency=state["efficiency"], limits=LIMITS)
-    print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  "
-          f"({state['efficiency']['meta_step_s'] or float('nan'):.3f} s/meta-iteration)")
+    step_s = state["efficiency"]["meta_step_s"]
+    timing = (f"{step_s:.3f} s/meta-iteration" if step_s is not None else
+              "no s/meta-iteration: too few meta-iterations to time past the warm-up ones")
+    print(f"{method} seed {seed}: unseen {cfg['testset']} accuracy {acc:.2f} ± {ci95:.2f} %  ({timing})")
     return metrics
 
 

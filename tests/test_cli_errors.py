@@ -7,6 +7,7 @@ Each row runs the entry point's ``main`` in this process through ``common.runtim
 * stderr is exactly one line (no traceback, no usage block) holding every expected word;
 * nothing was done first: no results file under ``{tmp}/out`` and no benchmark table printed.
 
+A word starting with ``!`` must not be in the line (a hint given where it does not help).
 ``{tmp}`` in an argv is the folder of generated bad data (``bad_data`` below): damaged MNIST
 ``.gz``, CIFAR pickles with float pixels, out-of-range pixels or unknown classes, non-UTF-8 PAN-X
 and few-shot file lists, a file list of the wrong types, broken and duplicated results files.
@@ -82,11 +83,15 @@ CASES = [
     ("cross_domain_fewshot.train", ["--quick", "--threads", "-1"], 2, ["--threads", "must be >= 0"]),
     ("cross_domain_fewshot.train", ["--quick", "--fwt-weight-decay", "-1"], 2, ["--fwt-weight-decay", "must be >= 0"]),
     ("cross_domain_fewshot.train", ["--quick", "--aux-weight", "-1"], 2, ["--aux-weight", "must be >= 0"]),
-    ("cross_domain_fewshot.train", [*FEWSHOT, "--testset", "cars"], 2, ["cars", "novel.json", "not UTF-8"]),
+    ("cross_domain_fewshot.train", ["--quick", "--n-way", "1"], 2, ["--n-way", "must be >= 2"]),
+    ("cross_domain_fewshot.train", [*FEWSHOT, "--testset", "cars"], 2, ["cars", "novel.json", "not UTF-8", "!queries"]),
     ("cross_domain_fewshot.train", [*FEWSHOT, "--testset", "places"], 2,
-     ["places", "novel.json", "image_names must be a list of strings", "found 5"]),
+     ["places", "novel.json", "image_names must be a list of strings", "found 5", "!queries"]),
     ("cross_domain_fewshot.train", [*FEWSHOT, "--testset", "plantae"], 2,
-     ["plantae", "novel.json", "image_labels must be a list of integers", "found 'a'"]),
+     ["plantae", "novel.json", "image_labels must be a list of integers", "found 'a'", "!queries"]),
+    ("cross_domain_fewshot.train", ["--quick", "--data-root", "{tmp}/fewshot_sound", "--testset", "cub",
+                                    "--test-queries", "11"], 2,
+     ["cub", "novel.json", "only 0 classes have >= 16 images", "--test-queries 11 queries per class: lower it"]),
     ("cross_domain_fewshot.train", [*FEWSHOT, "--testset", "cub"], 2, ["cub", "novel.json", "not found"]),
     ("cross_domain_fewshot.train", [*FEWSHOT, "--stage", "train", "--n-way", "6"], 2,
      ["only 5 classes have >= 11 images", "6-way"]),
@@ -182,6 +187,10 @@ def bad_data(tmp_path_factory) -> Path:
     (fewshot / "cars" / "novel.json").write_bytes(b'{"label_names": ["caf\xe9"]}')   # Latin-1, not UTF-8
     _file_list(fewshot / "places" / "novel.json", image_names=5)
     _file_list(fewshot / "plantae" / "novel.json", image_labels=["a"])                 # cub/novel.json: none
+    for domain in ("miniImagenet", "cub", "cars", "places", "plantae"):               # sound lists, small classes
+        _file_list(tmp / "fewshot_sound" / domain / "base.json")
+    _file_list(tmp / "fewshot_sound" / "miniImagenet" / "val.json")
+    _file_list(tmp / "fewshot_sound" / "cub" / "novel.json")
 
     panx = tmp / "panx"
     panx.mkdir()
@@ -230,7 +239,8 @@ def test_bad_input_is_one_line_and_a_status(entry, argv, code, words, bad_data, 
     err_lines = captured.err.strip().splitlines()
     assert done.value.code == code, captured.err
     assert len(err_lines) == 1, captured.err                      # one line: no traceback, no usage
-    assert all(word in err_lines[0] for word in words), (words, err_lines[0])
+    assert all(word[1:] not in err_lines[0] if word.startswith("!") else word in err_lines[0]  # "!": absent
+               for word in words), (words, err_lines[0])
     assert "### " not in captured.out                             # no benchmark table before the error
     assert not (out.exists() and list(out.rglob("*.json")))       # no results file before the error
 
