@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, positive, progress, run_cli
+from common.runtime import CLIError, prepare_out_file, positive, progress, run_cli
 from metaxl import train as metaxl_train
 from metaxl.data import build_vocab, collate, encode, epoch_batches, split_batch
 from metaxl.model import (TINY, RepresentationTransformation, StepConfig, build_optimizer, build_tagger, encoder_features,
@@ -98,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.draws < 2 or args.warm_steps < 0:
         raise CLIError(f"--draws must be >= 2 and --warm_steps >= 0, got {args.draws} and {args.warm_steps}")
+    if args.out:  # the study takes minutes: an unusable --out is refused before it starts
+        prepare_out_file(args.out, "--out")
 
     train_args = metaxl_train.parse_args(["--quick"])  # the quick run's data, lr, bottleneck, K, σ, τ
     torch.manual_seed(args.seed)

@@ -51,6 +51,9 @@ QUICK = {"model": TINY, "transfer_layer": TINY_LAYERS, "train_size": 300, "epoch
          "bottle_size": 32, "max_seq_length": 64, "eval_max_seq_length": 64}
 
 
+SYNTHETIC_MAX_SENTENCES = 20_000  # the generated pair's largest split: PAN-X's English training set
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m metaxl.train", description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
@@ -105,6 +108,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:  # quick values become defaults, so flags given explicitly still win
         p.set_defaults(**QUICK, targets=[args.targets[0]])
         args = p.parse_args(argv)
+    if args.evograd_estimator == "evograd_batched":
+        raise CLIError("--evograd_estimator evograd_batched cannot run MetaXL: it evaluates the K candidates in "
+                       "one torch.func.vmap call, where the encoder's dropout cannot draw its masks; "
+                       "pass evograd or evograd_low_memory")
+    if args.data_root is None:  # the embedded generated pair stands in for PAN-X, not for a larger corpus
+        for flag, size in (("--train_size", args.train_size), ("--target_train_size", args.target_train_size)):
+            if size > SYNTHETIC_MAX_SENTENCES:
+                raise CLIError(f"{flag} {size} is more than the embedded generated data is meant for "
+                               f"({SYNTHETIC_MAX_SENTENCES} sentences, PAN-X's English training split); pass "
+                               f"{flag} {SYNTHETIC_MAX_SENTENCES} or less, or real data with --data-root")
     if args.target_split == "half" and args.batch_size < 2:
         raise CLIError(f"--target_split half needs --batch_size >= 2 (got {args.batch_size}); "
                        "use --target_split independent for batches of one sentence")

@@ -106,6 +106,12 @@ CASES = [
     ("metaxl.train", ["--quick", "--n_candidates", "1"], 2, ["--n_candidates", "must be >= 2"]),
     ("metaxl.train", ["--quick", "--transfer_layer", "-1"], 2, ["--transfer_layer", "must be >= 0"]),
     ("metaxl.train", ["--quick", "--warmup_ratio", "1"], 2, ["--warmup_ratio", "in [0, 1)"]),
+    ("metaxl.train", ["--quick", "--methods", "metaxl_evograd", "--evograd_estimator", "evograd_batched"], 2,
+     ["--evograd_estimator evograd_batched cannot run MetaXL", "dropout", "evograd_low_memory"]),
+    ("metaxl.train", ["--quick", "--train_size", "999999"], 2,
+     ["--train_size 999999 is more than the embedded generated data", "20000 or less", "--data-root"]),
+    ("metaxl.candidate_study", ["--out", "{tmp}/garbage.pt/study.json"], 2, ["--out", "garbage.pt", "is a file"]),
+    ("metaxl.candidate_study", ["--out", "{tmp}"], 2, ["--out", "is a folder", "pass a file name"]),
     # --- the hypergradient study: shared flags it does not use
     ("common.hypergrad_study", ["--quick", "--seeds", "1", "2"], 2, ["one seed", "--seeds [1, 2]"]),
     ("common.hypergrad_study", ["--quick", "--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
