@@ -47,7 +47,7 @@ import torch
 from common.bench import Benchmark, time_methods
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, run_cli, select_device
+from common.runtime import CLIError, prepare_out, run_cli, select_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_12GB_MIB = 12 * 1024
@@ -331,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name, method, configs = args.memory_worker
         print(json.dumps(memory_worker(name, method, json.loads(configs), device, args.warmup, args.mem_steps)))
         return
+    out = prepare_out(args.out)  # a file, a path under a file or an unwritable folder: refused before any work
     jobs = quick_plan() if args.quick else PLAN
     if args.only:
         unknown = sorted(set(args.only) - {j.benchmark for j in jobs})
@@ -349,8 +350,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if device.type == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name(device)
     references = {name: bench.reference for name, bench in benches.items()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def save(rows: list[dict], skipped: list[str]) -> str:
         markdown = format_markdown(rows, references, device, env, skipped)

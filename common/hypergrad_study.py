@@ -598,7 +598,18 @@ def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
         if not Path(path).is_file():
             raise CLIError(f"--from-json: no such file {path}; give study.json files written by this module")
         fresh: dict[str, list[dict]] = {}
-        for row in json.loads(Path(path).read_text())["rows"]:
+        try:
+            study = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CLIError(f"--from-json: {path} is not readable JSON ({err}); give study.json files written by "
+                           "this module") from None
+        rows = study.get("rows") if isinstance(study, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("problem"), str)
+                                                 for r in rows):
+            what = "a results file" if isinstance(study, dict) and "metrics" in study else "not a study file"
+            raise CLIError(f"--from-json: {path} is {what} (no list of rows, each naming its problem); "
+                           "give study.json files written by this module")
+        for row in rows:
             fresh.setdefault(row["problem"], []).append(row)
         rows_by_problem.update(fresh)
     return rows_by_problem

@@ -74,6 +74,9 @@ def _read_pickle_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[
         labels = np.asarray(entry[label_key])
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise DataError(f"corrupt CIFAR file {path}: {type(err).__name__}: {err}") from None
+    except ImportError as err:  # a pickle naming a module or class that is not here
+        raise DataError(f"{path} is not an official CIFAR pickle: it refers to {err.name or 'a module'!s}, which "
+                        f"cannot be imported ({type(err).__name__}); download the archive again") from None
     if data.dtype.kind not in "ui":
         raise DataError(f"corrupt CIFAR file {path}: pixel data of type {data.dtype}, expected integers 0..255")
     if labels.dtype.kind not in "ui":

@@ -74,6 +74,8 @@ CASES = [
      ["data_batch_1", "pixel values in 300..300", "expected 0..255"]),
     ("label_noise_mwn.train", ["--dataset", "cifar10", "--data-root", "{tmp}/cifar_classes", "--out", "{tmp}/out"], 2,
      ["test_batch", "labels in 3..12 name unknown classes", "0..9"]),
+    ("label_noise_mwn.train", ["--dataset", "cifar10", "--data-root", "{tmp}/cifar_foreign", "--out", "{tmp}/out"], 2,
+     ["data_batch_1 is not an official CIFAR pickle", "no_such_module_here", "download the archive again"]),
     ("label_noise_mwn.eval", ["{tmp}/rotation.pt"], 2,
      ["rotation.pt is not a label_noise_mwn checkpoint", "['base_channels', 'data_root', 'dataset'", "another experiment's"]),
     ("label_noise_mwn.eval", ["{tmp}/garbage.pt"], 2,
@@ -117,6 +119,14 @@ CASES = [
     ("common.hypergrad_study", ["--quick", "--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
     ("common.hypergrad_study", ["--quick", "--data-root", "{tmp}"], 2, ["--data-root is not used"]),
     ("common.hypergrad_study", ["--quick", "--draws", "0"], 2, ["--draws", "must be > 0"]),
+    ("common.hypergrad_study", ["--from-json", "{tmp}/results_truncated/b/toy_evograd_seed2.json"], 2,
+     ["--from-json", "toy_evograd_seed2.json is not readable JSON", "study.json files"]),
+    ("common.hypergrad_study", ["--from-json", "{tmp}/results_no_env/toy_evograd_seed1.json"], 2,
+     ["--from-json", "toy_evograd_seed1.json is a results file", "study.json files"]),
+    # --- the GPU benchmark: --out checked before the plan runs
+    ("common.gpu_bench", ["--device", "cpu", "--quick", "--out", "{tmp}/garbage.pt"], 2, ["--out", "is a file"]),
+    ("common.gpu_bench", ["--device", "cpu", "--quick", "--out", "{tmp}/garbage.pt/below"], 2,
+     ["--out", "garbage.pt", "not a writable folder"]),
     # --- benchmarks: every request checked before the first runs
     ("common.bench", ["rotation", "illustration_1d", "--config", "2", "--methods", "evograd", "second_order",
                       "--no-memory", "--reps", "1", "--warmup", "0"], 2,
@@ -185,6 +195,8 @@ def bad_data(tmp_path_factory) -> Path:
     _cifar(tmp / "cifar_float", np.full((2, 3072), 0.5), [0, 1])
     _cifar(tmp / "cifar_range", np.full((2, 3072), 300, np.int64), [0, 1])
     _cifar(tmp / "cifar_classes", np.zeros((2, 3072), np.uint8), [0, 1], test_labels=[3, 12])
+    _cifar(tmp / "cifar_foreign", np.zeros((2, 3072), np.uint8), [0, 1])
+    (tmp / "cifar_foreign" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"cno_such_module_here\nThing\n.")
 
     fewshot = tmp / "fewshot"
     for domain in ("miniImagenet", "cub", "cars", "places", "plantae"):
