@@ -379,3 +379,26 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except RuntimeError as err:
+        if not lost_a_peer(err):
+            raise
+        reason = next((r for r in PEER_LOSSES if r in str(err)), type(err).__name__)
+        print(f"error: process {os.environ.get('RANK', '?')} of this torchrun job stopped: another process of the "
+              f"job ended ({reason}; its own output says why); the last checkpoints are kept: rerun the same "
+              "torchrun command with --resume", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+PEER_LOSSES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """True for the error a torchrun rank meets in a collective when another rank has died (gloo's
+    "Connection reset by peer", a ``torch.distributed.DistError``); never outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err)
+    return ("gloo" in text or "NCCL" in text or "c10d" in text) and any(r in text for r in PEER_LOSSES)

@@ -25,3 +25,24 @@ def test_experiments_accept_each_others_spellings():
     assert (rot.method, rot.k, rot.inner_steps, rot.fd_epsilon) == (["evograd"], 5, 2, 0.1)
     mwn = mwn_train.build_parser().parse_args(["--n-candidates", "3", "--inner-steps", "2", "--corruption-prob", "0.6"])
     assert (mwn.n_candidates, mwn.inner_steps, mwn.corruption_prob) == (3, 2, 0.6)
+
+
+def test_a_torchrun_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch, capsys):
+    """The error gloo raises in the surviving rank's collective when another rank is killed (as printed by
+    torch 2.x): one line and status 1, not its traceback; outside torchrun the same error is not guessed at."""
+    from common.runtime import run_cli
+
+    def main(argv):
+        raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:3459: "
+                           "Connection reset by peer. This is typically caused by a remote worker hanging or bugs "
+                           "in the application. Check the logs of the remote worker before reporting an error.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "process 1 of this torchrun job stopped" in err and "Connection reset by peer" in err and "--resume" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        run_cli(main, [])
