@@ -42,18 +42,92 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 def test_report_means_stds_and_paper_rows(tmp_path):
     for seed, acc in [(1, 90.0), (2, 92.0), (3, 94.0)]:
         write_results(tmp_path, experiment="rotation", method="evograd", seed=seed, config={},
-                      metrics={"test_acc_rotated": acc, "angles": [0.1, 0.2]}, efficiency=EFF, setting="mnist")
+                      metrics={"test_acc_rotated": acc, "angles": [0.1, 0.2], "final_train_loss": 0.3},
+                      efficiency=EFF, setting="mnist")
     (tmp_path / "not_a_result.json").write_text("[1, 2]")
     records = load_results(tmp_path)
     assert len(records) == 3
     paper = {"rotation": {"source": "the paper", "settings": {"mnist": {
         "evograd": {"test_acc_rotated": "98.11 ± 0.32"}, "baseline": {"test_acc_rotated": "81.79 ± 0.64"}}}}}
     text = build_report(records, paper)
-    assert "| evograd | 3 | 92.00 ± 2.00 | 0.5000 ± 0.0000 | 10.00 ± 0.00 |" in text
-    assert "| evograd (paper) | | 98.11 ± 0.32 |  |  |" in text
-    assert "| baseline (paper) |" in text and "Paper numbers: the paper" in text
-    assert "angles" not in text  # lists are curves, not table cells
+    # the paper's columns only: rotated test, rotated back, angle; diagnostics stay out of the table
+    assert "| method | n | rotated test acc (%) | rotated back (%) | learned angle (°) |" in text
+    assert "| evograd | 3 | 92.00 ± 2.00 |  |  |" in text
+    assert "| evograd (paper) |  | 98.11 ± 0.32 |  |  |" in text
+    assert "| baseline (paper) |  | 81.79 ± 0.64 |  |  |" in text and "Paper rows: the paper" in text
+    assert "angles" not in text and "final_train_loss" not in text
     assert format_mean_std([5.0]) == "5.00"
+
+
+def _mwn_runs(folder):
+    """Two noise settings, three methods, two seeds; second-order twice EvoGrad's time and memory."""
+    cost = {"baseline": (0.1, 100.0), "mwn_second_order": (0.8, 400.0), "mwn_evograd": (0.4, 200.0)}
+    for setting, base in (("mnist-unif0.6", 80.0), ("mnist-flip0.4", 70.0)):
+        for i, method in enumerate(cost):
+            for seed in (1, 2):
+                t, m = cost[method]
+                write_results(folder, experiment="label_noise_mwn", method=method, seed=seed, setting=setting,
+                              config={}, metrics={"final_test_acc": base + i + seed, "final_meta_loss": 1.0},
+                              efficiency={"meta_step_s": t * seed, "peak_mem_mb": m, "device": "cpu"})
+
+
+def test_report_settings_become_columns_with_efficiency_ratios(tmp_path):
+    from common.report import efficiency_table, headline_table, result_tables
+    _mwn_runs(tmp_path)
+    records = load_results(tmp_path)
+    (table,) = result_tables("label_noise_mwn", records, {})
+    assert table.header == ["method", "n", "flip 40 %", "uniform 60 %"]  # in the order of the settings' names
+    rows = {row[0]: row for row in table.rows}
+    assert [r[0] for r in table.rows] == ["baseline", "mwn_second_order", "mwn_evograd"]
+    assert rows["mwn_evograd"] == ["mwn_evograd", "2", "73.50 ± 0.71", "83.50 ± 0.71"]
+    eff = {row[0]: row for row in efficiency_table("label_noise_mwn", records).rows}
+    assert eff["mwn_evograd"][2:] == ["0.6", "0.50", "200", "0.50"]
+    assert eff["mwn_second_order"][3] == "1.00" and eff["baseline"][3] == "0.12"
+    head = headline_table(records, {}).rows
+    assert head[1][1] == "mnist"  # the setting less its column part
+    assert len(head) == 2 and head[1][2:] == ["uniform 60 % (test acc (%))", "81.50 ± 0.71", "82.50 ± 0.71",
+                                              "83.50 ± 0.71", "", "0.50", "0.50", "2"]
+
+
+def test_report_lists_skipped_files_and_writes_html_and_csv(tmp_path):
+    _mwn_runs(tmp_path)
+    (tmp_path / "broken.json").write_text('{"experiment": "x", "method"')
+    (tmp_path / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    out = subprocess.run([sys.executable, "-m", "common.report", str(tmp_path), "--output",
+                          str(tmp_path / "rep" / "report.md")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Skipped files**" in text and "broken.json" in text and "truncated JSON" in text
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "broken.json" in page
+    assert "src='data:image/png;base64," in page and "figure.png" not in page.split("<figcaption>")[0]
+    rows = (tmp_path / "rep" / "diagnostics.csv").read_text().splitlines()
+    assert rows[0] == "experiment,setting,method,seed,field,value,file"
+    assert any(",metrics.final_meta_loss,1.0," in row for row in rows) and len(rows) == 1 + 12 * 4
+
+
+def test_docs_blocks_are_filled_and_checked(tmp_path):
+    from common.report import fill_docs
+    _mwn_runs(tmp_path / "runs" / "mwn")
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- report: paper label_noise_mwn runs/mwn -->\nold\n<!-- /report -->\nend\n")
+    assert fill_docs(tmp_path, check=True) == ["README.md: paper label_noise_mwn runs/mwn"]
+    assert "old" in doc.read_text()                                   # --check changes nothing
+    fill_docs(tmp_path)
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- report: paper label_noise_mwn runs/mwn -->\n### ") and text.endswith(
+        "<!-- /report -->\nend\n")
+    assert "| mwn_evograd | 2 | 73.50 ± 0.71 | 83.50 ± 0.71 |" in text
+    assert fill_docs(tmp_path, check=True) == []
+    doc.write_text(text.replace("83.50", "83.49"))                    # a hand edit is drift
+    assert fill_docs(tmp_path, check=True) == ["README.md: paper label_noise_mwn runs/mwn"]
+
+
+def test_committed_docs_match_the_committed_results():
+    """Every generated table in the README, the experiment READMEs, docs/ and the study page is what
+    ``python -m common.report --docs`` makes from the committed results under runs/."""
+    from common.report import fill_docs
+    assert fill_docs(check=True) == [], "run python -m common.report --docs and commit the result"
 
 
 def test_paper_numbers_files_parse():
