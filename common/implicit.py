@@ -95,7 +95,7 @@ def _accumulate(hyperparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
 
 
 def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor], iters: int,
-                       damping: float = 0.0, tol: float = 1e-6) -> tuple[list[Tensor], int]:
+                       damping: float = 0.0, tol: float = 1e-6, info: dict | None = None) -> tuple[list[Tensor], int]:
     """Solve (H + δI) x = v by conjugate gradient from x_0 = 0, with H given as ``hvp(p) = Hp``.
 
         r_0 = p_0 = v;   α_k = ⟨r_k, r_k⟩ / ⟨p_k, (H + δI) p_k⟩,   x_{k+1} = x_k + α_k p_k,
@@ -109,6 +109,10 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
     ``tol = 0`` the solve reads nothing from the device; with ``tol > 0`` it reads one boolean per
     step to stop early (the price of the early stop on a GPU).
 
+    ``info``, if given, receives how the solve ended (two host reads at the end):
+    ``non_positive_curvature`` (True where it stopped at ⟨p, (H + δI)p⟩ ≤ 0: H singular along v, or
+    indefinite) and ``relative_residual`` ‖r‖/‖v‖ of the returned x.
+
     Returns:
         (x, number of Hessian-vector products used).
     """
@@ -118,6 +122,8 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
     rr = _dot(r, r)
     stop = tol ** 2 * rr
     active = rr > 0  # 0-d bool tensor: False once converged or past a non-positive curvature
+    rr_v = rr
+    flat = torch.zeros((), dtype=torch.bool, device=rr.device)  # met a non-positive curvature
     used = 0
     for _ in range(iters):
         active = active & (rr > stop)
@@ -128,6 +134,7 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
         if damping:
             hp = [a + damping * b for a, b in zip(hp, p)]
         curvature = _dot(p, hp)
+        flat = flat | (active & (curvature <= 0))
         active = active & (curvature > 0)
         alpha = torch.where(active, rr / torch.where(active, curvature, 1.0), 0.0)
         x = [a + alpha.to(a.dtype) * b for a, b in zip(x, p)]
@@ -136,6 +143,9 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tens
         beta = torch.where(active, rr_next / torch.where(rr > 0, rr, 1.0), 0.0)
         p = [a + beta.to(a.dtype) * b for a, b in zip(r, p)]
         rr = torch.where(active, rr_next, rr)
+    if info is not None:
+        info["non_positive_curvature"] = bool(flat)
+        info["relative_residual"] = float((rr / rr_v).sqrt()) if float(rr_v) > 0 else 0.0
     return x, used
 
 

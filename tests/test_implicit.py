@@ -12,7 +12,7 @@ import torch
 
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.hypergrad_study import ProblemInstance, make_ridge_data, one_d_f_prime, one_d_f_second, one_d_instance
-from common.implicit import implicit_hypergrad, optimizer_preconditioner, sama_hypergrad
+from common.implicit import conjugate_gradient, implicit_hypergrad, optimizer_preconditioner, sama_hypergrad
 from test_estimators import estimate, one_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 F64 = torch.float64
@@ -55,6 +55,50 @@ def test_cg_tolerance_stops_early(ridge):
     loose = estimate("cg", inst, cg_iters=N_FEATURES, cg_tol=0.5)
     exact = estimate("cg", inst, cg_iters=N_FEATURES, cg_tol=0.0)
     assert 1e-8 < (loose - exact).norm() < exact.norm()
+
+
+def _spd_system(n: int, seed: int, condition: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric positive-definite H with eigenvalues 1 .. ``condition`` (log-spaced) and a v."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return q @ torch.diag(torch.logspace(0, math.log10(condition), n, dtype=F64)) @ q.T, \
+        torch.randn(n, generator=g, dtype=F64)
+
+
+def _cg(h: torch.Tensor, v: torch.Tensor, iters: int, damping: float, tol: float, info: dict | None = None):
+    (x,), used = conjugate_gradient(lambda p: [h @ p[0]], [v], iters, damping, tol, info)
+    residual = ((h + damping * torch.eye(len(v), dtype=F64)) @ x - v).norm() / v.norm()
+    return x, used, residual.item()
+
+
+@pytest.mark.parametrize("tol", [0.5, 0.1, 0.01, 1e-4])
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_cg_early_stop_meets_its_tolerance_on_the_norm(tol, damping):
+    """Stopped early, ‖(H + δI)x − v‖ ≤ tol·‖v‖, at the first iterate that meets it (not the squared norm)."""
+    h, v = _spd_system(30, 5, 1e2)
+    info = {}
+    x, used, residual = _cg(h, v, 30, damping, tol, info)
+    assert 0 < used < 30 and residual <= tol * (1 + 1e-9), (used, residual)
+    assert info["relative_residual"] == pytest.approx(residual, rel=1e-6) and not info["non_positive_curvature"]
+    _, _, before = _cg(h, v, used - 1, damping, 0.0)   # one step fewer does not meet it
+    assert before > tol, (used, before)
+
+
+@pytest.mark.parametrize("h, v", [
+    (torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), torch.tensor([0.0, 1.0], dtype=F64)),    # v in H's null space
+    (torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=F64)), torch.tensor([0.0, 0.0, 3.0], dtype=F64)),
+    (torch.diag(torch.tensor([1.0, -1.0], dtype=F64)), torch.tensor([1.0, 1.0], dtype=F64)),   # indefinite: ⟨v, Hv⟩ = 0
+    (torch.diag(torch.tensor([1.0, -3.0], dtype=F64)), torch.tensor([1.0, 1.0], dtype=F64)),   # ⟨v, Hv⟩ < 0
+], ids=["singular", "singular-3d", "indefinite-zero", "indefinite-negative"])
+@pytest.mark.parametrize("tol", [0.0, 1e-6])
+def test_cg_stops_with_a_finite_answer_at_non_positive_curvature(h, v, tol):
+    info = {}
+    x, used, _ = _cg(h, v, 5, 0.0, tol, info)
+    assert torch.isfinite(x).all() and torch.equal(x, torch.zeros_like(x)) and used == (1 if tol else 5)
+    assert info["non_positive_curvature"] and info["relative_residual"] == 1.0   # and it says so
+    info = {}
+    _cg(torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), 5, 0.0, tol, info)
+    assert not info["non_positive_curvature"] and info["relative_residual"] < 1e-12
 
 
 def test_neumann_error_decreases_with_terms_and_converges(ridge):

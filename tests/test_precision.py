@@ -87,6 +87,28 @@ def test_fp16_scaler_unscales_and_skips_non_finite_steps():
     assert other.scaler.get_scale() == scale / 2
 
 
+def test_fp16_gradients_are_unscaled_before_clipping():
+    """unscale_gradients divides by the scale now: clipping sees the true gradients, and a clipped fp16
+    step is the float32 step with the same clipping (MetaXL clips its model's gradients this way)."""
+    x, y, ref, mine, opt_ref, opt_mine = _twin_linears()
+    start = [p.detach().clone() for p in ref.parameters()]
+    F.cross_entropy(ref(x), y).backward()                     # float32
+    true_grads = [p.grad.clone() for p in ref.parameters()]
+    max_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item() / 3  # clipping bites
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    opt_ref.step()
+    run = Precision("fp16", "cpu")
+    with run.iteration():
+        backward(F.cross_entropy(mine(x), y))
+        precision.unscale_gradients(opt_mine)
+        for p, g in zip(mine.parameters(), true_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-2, atol=1e-3)  # fp16 forward: a few 1e-3 apart
+        torch.nn.utils.clip_grad_norm_(mine.parameters(), max_norm)
+        optimizer_step(opt_mine)
+    for a, b, s in zip(ref.parameters(), mine.parameters(), start):
+        torch.testing.assert_close(b - s, a - s, rtol=1e-2, atol=1e-4)
+
+
 def test_iteration_restores_outside_behaviour_after_an_error():
     run = Precision("bf16", "cpu")
     with pytest.raises(RuntimeError):
