@@ -244,14 +244,20 @@ def test_direct_functions_reject_bad_arguments():
 
 
 def test_registry_names_and_accumulation():
+    """Every registered estimator accumulates into ``.grad`` like ``backward()``: two calls (EvoGrad with the
+    same noise) leave twice one call's hypergradient."""
     assert {"evograd", "evograd_low_memory", "second_order", "second_order_func", "finite_difference", "unrolled",
             "multistep"} <= set(ESTIMATORS)
     inst = one_d_instance(THETA0, LAM)
-    for method in ("finite_difference", "multistep", "unrolled"):
-        once = estimate(method, inst, inner_lr=ETA, inner_steps=2, window=2).clone()
-        meta_backward(method, inst.params, inst.hyperparams, inst.train_loss_fn, inst.val_loss_fn,
-                      inner_lr=ETA, inner_steps=2, window=2)  # accumulates like backward()
-        torch.testing.assert_close(inst.hyperparams[0].grad.flatten(), 2 * once, rtol=1e-13, atol=0)
+
+    def options() -> dict:
+        return {"inner_lr": ETA, "inner_steps": 2, "window": 2, "n_candidates": 3, "sigma": 0.1,
+                "temperature": 0.5, "noise": "gaussian", "generator": torch.Generator().manual_seed(7)}
+    for method in sorted(ESTIMATORS):
+        once = estimate(method, inst, **options()).clone()
+        assert once.abs().max() > 0, method
+        meta_backward(method, inst.params, inst.hyperparams, inst.train_loss_fn, inst.val_loss_fn, **options())
+        torch.testing.assert_close(inst.hyperparams[0].grad.flatten(), 2 * once, rtol=1e-13, atol=0, msg=method)
 
 
 def test_estimator_cli_flags():
@@ -354,3 +360,18 @@ def test_finite_difference_step_has_norm_fd_epsilon():
     # the step does not grow with ‖v‖, so the estimate is linear in L_val
     assert estimate("finite_difference", scaled, inner_lr=eta, fd_epsilon=delta).item() == pytest.approx(1000 * got,
                                                                                                         rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sign"])
+def test_candidate_noise_is_independent_across_tensors(kind):
+    """One generator per candidate runs through all the tensors: two same-shape tensors get different
+    draws, and over a multi-tensor parameter dict E[ε εᵀ] = σ² I (no entry repeats another's draw)."""
+    like = [torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64), torch.zeros(4, dtype=F64)]
+    sigma, n = 0.5, 4000
+    noise = CandidateNoise(range(n), sigma, kind)
+    first, second, _ = noise.sample(0, like)
+    assert not torch.equal(first, second)
+    draws = torch.stack([torch.cat([e.flatten() for e in noise.sample(k, like)]) for k in range(n)])  # [n, 16]
+    moments = draws.T @ draws / n
+    # each entry's sampling error is about σ²/√n (0.004); a repeated draw would put σ² (0.25) off the diagonal
+    torch.testing.assert_close(moments, sigma ** 2 * torch.eye(16, dtype=F64), rtol=0, atol=5 * sigma ** 2 / n ** 0.5)
