@@ -96,9 +96,10 @@ def problem(kind: str, rank: int | None):
     return perturbable_params(model), [lam], train, val
 
 
-def run_case(kind: str, name: str, rank: int | None, seed: int) -> tuple[torch.Tensor, float]:
-    """λ's hypergradient and the validation loss of estimator (or direct meta loss) ``name``."""
-    params, hyper, train, val = problem(kind, rank)
+def run_case(kind: str, name: str, rank: int | None, seed: int, problem_of=None) -> tuple[torch.Tensor, float]:
+    """λ's hypergradient and the validation loss of estimator (or direct meta loss) ``name``
+    (accumulated into the λ of ``problem_of`` if given, a fresh problem's otherwise)."""
+    params, hyper, train, val = problem_of or problem(kind, rank)
     generator = torch.Generator().manual_seed(seed)
     if name in DIRECT:
         fn, accepted = DIRECT[name]
@@ -119,6 +120,7 @@ CASES = [(kind, name) for kind in ("loss", "input", "inside") for name in [*ESTI
 def worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     reference = {case: run_case(*case, rank=None, seed=SEED) for case in CASES}
+    two_steps_reference = {name: two_meta_steps(name, rank=None)[0] for name in [*ESTIMATORS, *DIRECT]}
     vmapped_reference = vmapped_candidates(rank=None)
     shard_alone = {case: run_case(*case, rank=rank, seed=SEED) for case in CASES}
 
@@ -149,12 +151,36 @@ def worker(rank: int, port: int) -> None:
                 failures.append(f"{case}: rel. error {error:.2e} (half batch alone {alone_error:.2e}), "
                                 f"val loss {value} vs {ref_value}, ranks equal {torch.equal(both[0], both[1])}")
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
+        check_two_meta_steps_leave_no_hook(two_steps_reference)
         check_evograd_communication()
         check_model_gradients_averaged()
         for got, ref in zip(vmapped_candidates(rank), vmapped_reference):
             assert torch.allclose(got, ref, rtol=1e-10, atol=1e-14), "vmap over candidates differs from one process"
     finally:
         dist.destroy_process_group()
+
+
+def two_meta_steps(name: str, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ's gradient after two consecutive meta steps of ``name`` on the same λ leaf (the second
+    accumulates into the first, other noise), and λ itself."""
+    case = problem("inside", rank)
+    for step in range(2):
+        grad, _ = run_case("inside", name, rank, SEED + step if rank in (None, 0) else SEED + 1000 + step, case)
+    return grad, case[1][0]
+
+
+def check_two_meta_steps_leave_no_hook(reference: dict[str, torch.Tensor]) -> None:
+    """Consecutive data-parallel meta steps on one λ equal one process's, and no hook on λ outlives them
+    (a hook left behind would sum λ's gradient over the ranks once more in every later step)."""
+    from common import distributed
+    failures = []
+    for name, ref in reference.items():
+        grad, lam = two_meta_steps(name, dist.get_rank())
+        error = (grad - ref).abs().max().item() / ref.abs().max().item()
+        if not error < 1e-9 or distributed._leaf_hooks or lam._backward_hooks:
+            failures.append(f"{name}: rel. error {error:.2e}, hooks left {len(distributed._leaf_hooks)} "
+                            f"registered, {len(lam._backward_hooks or {})} on λ")
+    assert not failures, f"rank {dist.get_rank()}, two meta steps:\n" + "\n".join(failures)
 
 
 def vmapped_candidates(rank: int | None) -> list[torch.Tensor]:
