@@ -30,6 +30,12 @@ SPLITS = ("base", "val", "novel")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 JITTER_STRENGTH = 0.4   # brightness, contrast and saturation factors drawn from [0.6, 1.4]
+JITTER_ORDERS = ("fixed", "random")
+# Classes with fewer images than an episode row needs: "pad" repeats the class's images cyclically
+# (the authors' SubDataset), "drop" leaves the class out (no image twice in an episode).
+SMALL_CLASSES = ("pad", "drop")
+AUTHORS_MIN_CLASS_SIZE = 50  # the authors' SubDataset default (single-domain episode loaders)
+BATCH_SAMPLING = ("epochs", "replacement")
 TEST_RESIZE_FACTOR = 1.15  # test images: resize the short side to 1.15·size, then centre-crop
 EMBEDDED_VERSION = 2
 EMBEDDED_JPEG_QUALITY = 95
@@ -129,13 +135,19 @@ class ImageTransform:
     """uint8 [3, H, W] -> normalised float [3, size, size].
 
     Training (``augment``): random resized crop (scale 0.08-1, aspect 3/4-4/3), colour jitter
-    (brightness, contrast, saturation in random order), horizontal flip. Test: resize to
-    1.15·size, centre crop. Both normalise with the ImageNet mean and std.
+    (brightness, contrast, saturation, each factor from [0.6, 1.4]), horizontal flip. Test: resize
+    to 1.15·size, centre crop. Both normalise with the ImageNet mean and std.
+
+    ``jitter_order``: "fixed" applies brightness, contrast, saturation in that order (the authors'
+    ``ImageJitter``: PIL's Brightness, Contrast, Color); "random" shuffles the order per image.
     """
 
-    def __init__(self, size: int, augment: bool) -> None:
+    def __init__(self, size: int, augment: bool, jitter_order: str = "fixed") -> None:
+        if jitter_order not in JITTER_ORDERS:
+            raise ValueError(f"unknown jitter order {jitter_order!r}; choose from {JITTER_ORDERS}")
         self.size = size
         self.augment = augment
+        self.jitter_order = jitter_order
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
         img = image.float().div_(255)
@@ -164,7 +176,7 @@ class ImageTransform:
         return _resize(img, self.size, self.size)
 
     def _jitter(self, img: Tensor, generator: torch.Generator) -> Tensor:
-        ops = torch.randperm(3, generator=generator).tolist()
+        ops = [0, 1, 2] if self.jitter_order == "fixed" else torch.randperm(3, generator=generator).tolist()
         for op in ops:
             factor = _uniform(generator, 1 - JITTER_STRENGTH, 1 + JITTER_STRENGTH)
             if op == 0:    # brightness: blend with black
@@ -202,13 +214,27 @@ class Episode:
     indices: list[list[int]]
 
 
-def episode_classes(file_list: FileList, n_way: int, n_shot: int, n_query: int) -> dict[int, list[int]]:
-    """{label: image indices} of the classes with at least ``n_shot + n_query`` images.
+def episode_classes(file_list: FileList, n_way: int, n_shot: int, n_query: int,
+                    pad_to: int | None = None) -> dict[int, list[int]]:
+    """{label: image indices} of the classes an episode can draw from.
+
+    ``pad_to`` None: the classes with at least ``n_shot + n_query`` images, as they are. An int
+    (the authors' ``SubDataset(min_size=...)``): every class with images; a class with fewer than
+    ``max(pad_to, n_shot + n_query)`` images has its list repeated cyclically up to that length,
+    so an episode row may hold one image more than once.
 
     Raises:
-        DataError: if fewer than ``n_way`` classes have that many (no episode can be drawn).
+        DataError: if fewer than ``n_way`` classes qualify (no episode can be drawn).
     """
     per_class = n_shot + n_query
+    if pad_to is not None:
+        size = max(pad_to, per_class)
+        groups = {c: [idx[i % len(idx)] for i in range(size)] if len(idx) < size else idx
+                  for c, idx in file_list.indices_by_class().items()}
+        if len(groups) < n_way:
+            raise DataError(f"{file_list.path}: only {len(groups)} classes have images; {n_way}-way episodes "
+                            f"need {n_way} (classes with fewer than {per_class} images are padded by repetition)")
+        return groups
     groups = {c: idx for c, idx in file_list.indices_by_class().items() if len(idx) >= per_class}
     if len(groups) < n_way:
         raise DataError(f"{file_list.path}: only {len(groups)} classes have >= {per_class} images "
@@ -217,11 +243,15 @@ def episode_classes(file_list: FileList, n_way: int, n_shot: int, n_query: int) 
 
 
 class EpisodeSampler:
-    """n-way k-shot episodes with ``n_query`` queries per class from one file list."""
+    """n-way k-shot episodes with ``n_query`` queries per class from one file list.
 
-    def __init__(self, source: ImageSource, n_way: int, n_shot: int, n_query: int) -> None:
+    A row is a sample without replacement from the class's (possibly padded, see
+    ``episode_classes``) image list, as the authors' per-class shuffled loaders give.
+    """
+
+    def __init__(self, source: ImageSource, n_way: int, n_shot: int, n_query: int, pad_to: int | None = None) -> None:
         self.source, self.n_way, self.n_shot, self.n_query = source, n_way, n_shot, n_query
-        self.groups = episode_classes(source.file_list, n_way, n_shot, n_query)
+        self.groups = episode_classes(source.file_list, n_way, n_shot, n_query, pad_to)
 
     def sample(self, generator: torch.Generator) -> Episode:
         labels = sorted(self.groups)
@@ -235,17 +265,60 @@ class EpisodeSampler:
         return Episode(images, chosen, indices)
 
 
+def balanced_domain_order(n_domains: int, n_episodes: int, generator: torch.Generator) -> list[int]:
+    """The domain of each of ``n_episodes`` episodes: every domain ``n_episodes // n_domains`` times
+    (the first ones once more for the remainder), in random order (the authors'
+    ``MultiEpisodicBatchSampler``)."""
+    order = [i % n_domains for i in range(n_episodes)]
+    return [order[i] for i in torch.randperm(n_episodes, generator=generator).tolist()]
+
+
 class BatchSampler:
-    """Random labelled batches (images [B, 3, S, S], labels [B]) from one file list."""
+    """Labelled batches (images [B, 3, S, S], labels [B]) from one file list.
 
-    def __init__(self, source: ImageSource, batch_size: int) -> None:
-        self.source, self.batch_size = source, batch_size
+    "epochs" (the authors' shuffled ``DataLoader``): passes over a fresh permutation of the list,
+    ``batch_size`` images at a time, the last batch of a pass the remainder (dropped if it has fewer
+    than ``min_batch`` images, e.g. fewer than the processes that share it); ``sample`` continues
+    the current pass and starts the next one when it is used up, ``epoch`` gives one whole pass.
+    "replacement": every batch ``batch_size`` independent uniform draws.
+    """
 
-    def sample(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        n = len(self.source.file_list.labels)
-        picks = torch.randint(0, n, (self.batch_size,), generator=generator).tolist()
+    def __init__(self, source: ImageSource, batch_size: int, sampling: str = "epochs", min_batch: int = 1) -> None:
+        if sampling not in BATCH_SAMPLING:
+            raise ValueError(f"unknown batch sampling {sampling!r}; choose from {BATCH_SAMPLING}")
+        self.source, self.batch_size, self.sampling, self.min_batch = source, batch_size, sampling, min_batch
+        self.pending: list[list[int]] = []  # the batches left in the current pass ("epochs")
+
+    def _pass(self, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(len(self.source.file_list.labels), generator=generator).tolist()
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [b for b in batches if len(b) >= self.min_batch]
+
+    def load(self, picks: list[int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
         images = torch.stack([self.source.image(i, generator) for i in picks])
         return images, torch.tensor([self.source.file_list.labels[i] for i in picks])
+
+    def epoch(self, generator: torch.Generator):
+        """One pass over the list in batches (an iterator of (images, labels)); "replacement": as many
+        batches of independent draws as a pass has."""
+        if self.sampling == "replacement":
+            n = math.ceil(len(self.source.file_list.labels) / self.batch_size)
+            return (self.sample(generator) for _ in range(n))
+        return (self.load(picks, generator) for picks in self._pass(generator))
+
+    def sample(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.sampling == "replacement":
+            n = len(self.source.file_list.labels)
+            return self.load(torch.randint(0, n, (self.batch_size,), generator=generator).tolist(), generator)
+        if not self.pending:
+            self.pending = self._pass(generator)
+        return self.load(self.pending.pop(0), generator)
+
+    def state_dict(self) -> dict:
+        return {"pending": [list(b) for b in self.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = [list(b) for b in state.get("pending", [])]
 
 
 # ---------------------------------------------------------------------------------------------

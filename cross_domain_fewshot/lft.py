@@ -11,7 +11,8 @@ A meta-iteration takes a pseudo-seen episode S and a pseudo-unseen episode U:
                    lft_evograd:      θ' = Σ_k w_k (θ + ε_k),  w = softmax(−L_S(θ + ε_k, λ)/τ)
                                      (``evograd_low_memory``: λ acts inside the network)
                  -> Adam step on λ = the FWT parameters θ_γ, θ_β (weight decay 1e-8)
-    baseline     the model loss with FWT off, no meta step.
+    baseline     the model loss with FWT off, no meta step (the training script gives it no
+                 auxiliary loss and episodes of all seen domains, as the authors' baseline).
 
 Where the meta step is taken (``meta_order``), as in the authors' two files: the EvoGrad methods
 take the model step first and the meta step at the updated θ (``methods/LFTNetMetaEvo.py``),
@@ -169,9 +170,12 @@ class LFTTrainer:
             features = self.model.backbone(images).mean(dim=(2, 3))
         return F.cross_entropy(self.aux_classifier(features), labels)
 
-    def step(self, seen: Tensor, unseen: Tensor, n_shot: int, aux_batch: tuple[Tensor, Tensor] | None = None,
+    def step(self, seen: Tensor, unseen: Tensor | None, n_shot: int, aux_batch: tuple[Tensor, Tensor] | None = None,
              aux_weight: float = 0.0) -> dict[str, float]:
-        """One meta-iteration on a pseudo-seen and a pseudo-unseen episode; returns the losses."""
+        """One meta-iteration on a pseudo-seen and a pseudo-unseen episode; returns the losses.
+
+        The baseline (no meta step) uses ``seen`` only; ``unseen`` may be None for it.
+        """
         model = self.model
         model.train()
         broadcast_buffers(model)  # torchrun: rank 0's running statistics on every rank, as DDP

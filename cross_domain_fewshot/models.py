@@ -147,6 +147,46 @@ class ResNetBackbone(nn.Module):
         return side
 
 
+# The authors' encoder files (``methods/backbone.py``: ``ResNet.trunk`` = conv, BatchNorm, ReLU,
+# max-pool, then the blocks; ``SimpleBlock``: C1, BN1, C2, BN2, shortcut, BNshortcut; the FWT
+# layer's own parameters ``gamma``, ``beta``), saved under ``feature.`` by ``BaselineTrain``.
+AUTHORS_STEM = {"0": "stem.0", "1": "stem.1"}
+AUTHORS_BLOCK = {"C1": "conv1", "BN1": "bn1", "C2": "conv2", "BN2": "bn2", "shortcut": "shortcut.0",
+                 "BNshortcut": "shortcut.1"}
+AUTHORS_FIRST_BLOCK = 4  # trunk index of the first residual block
+AUTHORS_FWT = {"gamma": "fwt_gamma", "beta": "fwt_beta"}
+
+
+def backbone_state_from_authors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our ``ResNetBackbone`` state-dict keys for the ``feature.*`` entries of an authors' encoder
+    state (other entries, e.g. the pretraining ``classifier.*``, are left out).
+
+    ``feature.trunk.0.weight`` -> ``stem.0.weight``, ``feature.trunk.1.*`` -> ``stem.1.*``,
+    ``feature.trunk.<4+b>.C1.weight`` -> ``blocks.<b>.conv1.weight``, ``BN1`` -> ``bn1``, ``C2`` ->
+    ``conv2``, ``BN2`` -> ``bn2``, ``shortcut`` -> ``shortcut.0``, ``BNshortcut`` -> ``shortcut.1``,
+    and an FWT layer's ``gamma``/``beta`` -> ``fwt_gamma``/``fwt_beta``.
+
+    Raises:
+        KeyError: for a ``feature.`` key outside that layout (the message names it).
+    """
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("feature."):
+            continue
+        parts = key.split(".")
+        if len(parts) < 4 or parts[1] != "trunk" or not parts[2].isdigit():
+            raise KeyError(key)
+        index, rest = parts[2], parts[3:]
+        if index in AUTHORS_STEM and len(rest) == 1:
+            name = f"{AUTHORS_STEM[index]}.{rest[0]}"
+        elif int(index) >= AUTHORS_FIRST_BLOCK and len(rest) == 2 and rest[0] in AUTHORS_BLOCK:
+            name = f"blocks.{int(index) - AUTHORS_FIRST_BLOCK}.{AUTHORS_BLOCK[rest[0]]}.{AUTHORS_FWT.get(rest[1], rest[1])}"
+        else:
+            raise KeyError(key)
+        out[name] = value
+    return out
+
+
 RELATION_BN = ("batch", "running")
 RELATION_INIT = ("fan_out", "pytorch")
 

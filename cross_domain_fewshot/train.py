@@ -12,7 +12,11 @@ Stages (``--stage all`` runs them in order, for every method in ``--methods``):
 
 The defaults follow the authors' code (``ondrejbohdal/evograd``, ``CrossDomainFewShotLearning/``);
 ``--fwt-noise``, ``--meta-order``, ``--aux-loss``, ``--relation-bn``, ``--relation-init``,
-``--test-queries`` and ``--test-checkpoint`` select the alternatives (see the README).
+``--test-queries``, ``--test-checkpoint``, ``--baseline-protocol``, ``--pretrain-classes``,
+``--small-classes``, ``--jitter-order`` and ``--batch-sampling`` select the alternatives (see the
+README). ``--encoder-checkpoint`` starts the train stage from an encoder file of the authors'
+layout (their ``BaselineTrain`` save: ``{"epoch", "state": {"feature.trunk...", "classifier..."}}``)
+instead of the pretrain stage's.
 
     python -m cross_domain_fewshot.train --quick --out results/cross_domain_fewshot
     python -m cross_domain_fewshot.train --data-root filelists --testset cub --backbone ResNet34
@@ -47,13 +51,15 @@ from common.results import (load_checkpoint, note_resume, restore_states, resume
 from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_args, at_least, finished_runs,
                             non_negative, positive, prepare_out, progress, run_cli, seed_everything, seeds_of,
                             select_device)
-from cross_domain_fewshot.data import (DOMAINS, BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
-                                       domain_file_list, episode_classes, write_embedded_dataset)
+from cross_domain_fewshot.data import (AUTHORS_MIN_CLASS_SIZE, BATCH_SAMPLING, DOMAINS, JITTER_ORDERS, SMALL_CLASSES,
+                                       BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
+                                       balanced_domain_order, domain_file_list, episode_classes,
+                                       write_embedded_dataset)
 from cross_domain_fewshot.eval import evaluate_on_domain, model_from_checkpoint
 from cross_domain_fewshot.lft import (AUX_LOSSES, FWT_NOISE, META_ORDERS, METHODS, PAPER_METHODS, LFTTrainer,
                                       aux_weight_at, evaluate, fwt_scales, resolve_meta_order, shard_queries)
-from cross_domain_fewshot.models import (BLOCKS_PER_STAGE, RELATION_BN, RELATION_INIT, ResNetBackbone, build_model,
-                                         mlp_classifier)
+from cross_domain_fewshot.models import (BLOCKS_PER_STAGE, RELATION_BN, RELATION_INIT, ResNetBackbone,
+                                         backbone_state_from_authors, build_model, mlp_classifier)
 
 EXPERIMENT = "cross_domain_fewshot"
 PRETRAIN_DOMAIN = "miniImagenet"  # pretraining classes, validation domain; always seen
@@ -81,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-query", type=positive(int), default=16, help="query images per class")
     parser.add_argument("--pretrain-epochs", type=positive(int), default=400, help="passes over miniImagenet base")
     parser.add_argument("--pretrain-batch", type=positive(int), default=16, help="pretraining batch size")
+    parser.add_argument("--pretrain-classes", type=positive(int), default=200,
+                        help="outputs of the pretraining linear head (authors': 200, of which miniImagenet base "
+                             "uses 64; at least the base classes)")
+    parser.add_argument("--encoder-checkpoint", default=None, metavar="PATH",
+                        help="start the train stage from this encoder instead of the pretrain stage: an authors' "
+                             "encoder file (.tar, {'epoch', 'state': {'feature.trunk...'}}) or their folder of "
+                             "<epoch>.tar files (the highest epoch is used); width 64")
     parser.add_argument("--epochs", type=positive(int), default=400, help="LFT training epochs")
     parser.add_argument("--episodes-per-epoch", type=positive(int), default=100, help="meta-iterations per epoch")
     parser.add_argument("--lr", type=positive(), default=1e-3, help="Adam lr of the model; EvoGrad sigma; virtual-step lr")
@@ -105,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relation-module BatchNorm: batch statistics always (authors') or running statistics")
     parser.add_argument("--relation-init", default="fan_out", choices=RELATION_INIT,
                         help="relation-module conv init: N(0, 2/(k*k*out)) (authors') or PyTorch's default")
+    parser.add_argument("--baseline-protocol", default="authors", choices=["authors", "lft"],
+                        help="authors: the baseline has no auxiliary loss and its episodes mix all seen domains "
+                             "in every epoch; lft: trained as the LFT methods (one pseudo-seen domain per epoch, "
+                             "auxiliary loss) with FWT off")
+    parser.add_argument("--small-classes", default="pad", choices=SMALL_CLASSES,
+                        help="pad: a class with too few images is repeated cyclically up to 50 images "
+                             "(single-domain training and val episodes) or one episode row (multi-domain "
+                             "ones), as the authors' loaders; drop: such classes are left out")
+    parser.add_argument("--jitter-order", default="fixed", choices=JITTER_ORDERS,
+                        help="colour jitter: brightness, contrast, saturation in that order (authors') or in "
+                             "random order per image")
+    parser.add_argument("--batch-sampling", default="epochs", choices=BATCH_SAMPLING,
+                        help="pretraining and auxiliary batches: shuffled passes without replacement "
+                             "(authors') or independent draws with replacement")
     parser.add_argument("--val-episodes", type=positive(int), default=100, help="miniImagenet val episodes per epoch")
     parser.add_argument("--test-episodes", type=positive(int), default=1000, help="unseen-domain test episodes")
     parser.add_argument("--test-queries", type=positive(int), default=15, help="query images per class at test time")
@@ -152,9 +179,83 @@ def resolve_data(args: argparse.Namespace) -> argparse.Namespace:
     else:
         args.resolved_data_root = args.data_root
         check_file_lists(args)
+    check_pretraining(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return args
+
+
+def check_pretraining(args: argparse.Namespace) -> None:
+    """CLIError now for an --encoder-checkpoint that cannot start this run, or a pretraining head
+    smaller than the pretraining classes."""
+    if args.encoder_checkpoint is not None:
+        if args.stage == "pretrain":
+            raise CLIError("--encoder-checkpoint replaces the pretrain stage; run --stage train, eval or all with it")
+        _, classifier = read_encoder(args.encoder_checkpoint, args.backbone, args.width)
+        if args.aux_loss == "pretrained_linear" and args.stage in ("all", "train") and classifier is None:
+            raise CLIError(f"--encoder-checkpoint {args.encoder_checkpoint} has no classifier.weight/classifier.bias, "
+                           "which --aux-loss pretrained_linear starts from; use --aux-loss mlp")
+    elif args.stage in ("all", "pretrain"):
+        n_base = len(domain_file_list(args.resolved_data_root, PRETRAIN_DOMAIN, "base").label_names)
+        if args.pretrain_classes < n_base:
+            raise CLIError(f"--pretrain-classes {args.pretrain_classes} is fewer than the {n_base} classes of "
+                           f"{PRETRAIN_DOMAIN} base; pass --pretrain-classes {n_base} or more")
+
+
+def encoder_file(path: str | Path) -> Path:
+    """The file of --encoder-checkpoint: the path itself, or in a folder the ``<epoch>.tar`` with the
+    highest epoch (as the authors' ``get_resume_file``)."""
+    path = Path(path)
+    if path.is_dir():
+        epochs = [f for f in path.glob("*.tar") if f.stem.isdigit()]
+        if not epochs:
+            raise CLIError(f"--encoder-checkpoint {path} is a folder without <epoch>.tar files; "
+                           "pass an encoder file or the folder that holds them")
+        return max(epochs, key=lambda f: int(f.stem))
+    if not path.is_file():
+        raise CLIError(f"--encoder-checkpoint {path} not found; pass an authors' encoder file (<epoch>.tar) "
+                       "or its folder")
+    return path
+
+
+def read_encoder(path: str | Path, depth: str, width: int) -> tuple[dict, dict | None]:
+    """Backbone state (our names) and pretraining classifier (``weight``, ``bias``; None if absent)
+    of an authors' encoder file, checked against a ``depth`` backbone of ``width``.
+
+    Raises:
+        CLIError: if the file is unreadable, not of the authors' layout, or of another backbone.
+    """
+    file = encoder_file(path)
+    flag = f"--encoder-checkpoint {file}"
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises RuntimeError, EOFError, UnpicklingError, ...)
+        reason = (str(err).strip().splitlines() or [""])[0][:100]
+        raise CLIError(f"{flag} is not a readable torch file ({type(err).__name__}: {reason}); "
+                       "pass an authors' encoder file") from None
+    state = raw.get("state") if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not any(str(k).startswith("feature.") for k in state):
+        raise CLIError(f"{flag} is not of the authors' layout (expected {{'epoch': ..., 'state': "
+                       "{'feature.trunk.0.weight': ..., ...}}); pass an encoder saved by their train_baseline.py")
+    try:
+        ours = backbone_state_from_authors(state)
+    except KeyError as err:
+        raise CLIError(f"{flag}: key {err.args[0]} is outside the authors' ResNet layout; "
+                       "pass an encoder saved by their train_baseline.py") from None
+    expected = ResNetBackbone(depth, width).state_dict()
+    missing = [k for k in expected if k not in ours and ".fwt_" not in k]
+    extra = [k for k in ours if k not in expected]
+    if missing or extra:
+        what = f"lacks {len(missing)} tensors of a {depth}" if missing else f"has {len(extra)} tensors beyond a {depth}"
+        raise CLIError(f"{flag} {what} (e.g. {(missing or extra)[0]} in our names); pass the --backbone it was "
+                       "trained with")
+    wrong = [k for k, v in ours.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CLIError(f"{flag}: {k} has shape {tuple(ours[k].shape)}, --backbone {depth} --width {width} expects "
+                       f"{tuple(expected[k].shape)}; the authors' encoders need --width 64")
+    classifier = {k[len("classifier."):]: v for k, v in state.items() if k in ("classifier.weight", "classifier.bias")}
+    return ours, classifier if len(classifier) == 2 else None
 
 
 def check_file_lists(args: argparse.Namespace) -> None:
@@ -171,8 +272,10 @@ def check_file_lists(args: argparse.Namespace) -> None:
     if args.stage in ("all", "pretrain", "train"):
         domain_file_list(args.data_root, PRETRAIN_DOMAIN, "base")
     if args.stage in ("all", "train"):
+        pad_to = args.n_shot + args.n_query if args.small_classes == "pad" else None  # the smallest padding used
         for domain, split in [(d, "base") for d in DOMAINS if d != args.testset] + [(PRETRAIN_DOMAIN, "val")]:
-            episode_classes(domain_file_list(args.data_root, domain, split), args.n_way, args.n_shot, args.n_query)
+            episode_classes(domain_file_list(args.data_root, domain, split), args.n_way, args.n_shot, args.n_query,
+                            pad_to)
 
 
 def setting_of(cfg: dict) -> str:
@@ -184,10 +287,17 @@ def pretrain_setting(cfg: dict) -> str:
     return f"{'embedded' if cfg['data_root'] is None else 'real'} pretrain {cfg['backbone']}"
 
 
-def sampler_for(cfg: dict, domain: str, split: str, augment: bool) -> EpisodeSampler:
+def sampler_for(cfg: dict, domain: str, split: str, augment: bool, multi_domain: bool = False) -> EpisodeSampler:
+    """Episodes of one domain split. Under ``--small-classes pad`` small classes are padded as the
+    authors' loaders do: to 50 images in a single-domain loader (``SetDataset``: the pseudo-seen
+    domain, validation), to one episode row in a multi-domain one (``MultiSetDataset``: the
+    pseudo-unseen domain, the baseline's mixed episodes)."""
     source = ImageSource(domain_file_list(cfg["resolved_data_root"], domain, split),
-                         ImageTransform(cfg["image_size"], augment), cache=cfg["data_root"] is None)
-    return EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["n_query"])
+                         ImageTransform(cfg["image_size"], augment, cfg["jitter_order"]), cache=cfg["data_root"] is None)
+    pad_to = None
+    if cfg["small_classes"] == "pad":
+        pad_to = cfg["n_shot"] + cfg["n_query"] if multi_domain else AUTHORS_MIN_CLASS_SIZE
+    return EpisodeSampler(source, cfg["n_way"], cfg["n_shot"], cfg["n_query"], pad_to)
 
 
 def check_test_split(cfg: dict) -> None:
@@ -203,12 +313,17 @@ def check_test_split(cfg: dict) -> None:
 
 
 class PretrainNet(nn.Module):
-    """Backbone, global average pooling, linear classifier over the pretraining classes."""
+    """Backbone, global average pooling, linear classifier over the pretraining classes.
+
+    ``n_classes`` outputs (the authors' 200, more than miniImagenet base's 64 classes), bias zero at
+    the start (the authors' ``BaselineTrain``).
+    """
 
     def __init__(self, backbone: ResNetBackbone, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(backbone.out_channels, n_classes)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(images).mean(dim=(2, 3)))
@@ -217,9 +332,10 @@ class PretrainNet(nn.Module):
 def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: bool) -> None:
     """Stage 1: train backbone + linear classifier on miniImagenet base; checkpoint per epoch."""
     file_list = domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base")
-    source = ImageSource(file_list, ImageTransform(cfg["image_size"], not cfg["no_augment"]), cfg["data_root"] is None)
-    batches = BatchSampler(source, cfg["pretrain_batch"])
-    net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), len(file_list.label_names))
+    source = ImageSource(file_list, ImageTransform(cfg["image_size"], not cfg["no_augment"], cfg["jitter_order"]),
+                         cfg["data_root"] is None)
+    batches = BatchSampler(source, cfg["pretrain_batch"], cfg["batch_sampling"], min_batch=world_size())
+    net = PretrainNet(ResNetBackbone(cfg["backbone"], cfg["width"]), cfg["pretrain_classes"])
     net = (sync_batchnorm(net, device) if cfg["sync_bn"] else net).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     generator, start, history = torch.Generator().manual_seed(seed), 0, []
@@ -236,9 +352,12 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
     epochs = range(start, cfg["pretrain_epochs"])
     for epoch in progress(epochs, desc="pretrain") if is_main_process() else epochs:
         correct = total_loss = 0.0
-        for _ in range(steps_per_epoch):
+        n_steps = 0
+        # one shuffled pass (--batch-sampling epochs) or as many batches drawn with replacement
+        for batch in batches.epoch(generator):
             # torchrun: every rank samples the same global batch and keeps its share
-            images, labels = (shard(t).to(device) for t in batches.sample(generator))
+            images, labels = (shard(t).to(device) for t in batch)
+            n_steps += 1
             broadcast_buffers(net)
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 logits = net(images)
@@ -251,7 +370,7 @@ def pretrain(cfg: dict, seed: int, device: torch.device, ckpt: Path, resume: boo
             on_every_rank(lambda: guard.check(training_loss=loss), device)
             total_loss += loss.item()
             correct += acc.item()
-        history.append({"loss": total_loss / steps_per_epoch, "train_acc": 100 * correct / steps_per_epoch})
+        history.append({"loss": total_loss / n_steps, "train_acc": 100 * correct / n_steps})
         broadcast_buffers(net)
         if is_main_process():
             save_checkpoint(ckpt, {"model": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
@@ -272,17 +391,29 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
     model = build_model(cfg["backbone"], cfg["head"], cfg["image_size"], cfg["width"], cfg["relation_bn"],
                         cfg["relation_init"])
     model = (sync_batchnorm(model, device) if cfg["sync_bn"] else model).to(device)
-    if not pretrain_ckpt.is_file():
-        raise CLIError(f"no pretrained backbone at {pretrain_ckpt}; run --stage pretrain (or all) first")
-    pretrained = load_checkpoint(pretrain_ckpt, device)["model"]
-    model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained.items() if k.startswith("backbone.")})
-    n_aux_classes = pretrained["classifier.weight"].shape[0]  # miniImagenet base classes (64 on the real data)
-    if cfg["aux_loss"] == "mlp":  # random initialisation, as in the LFT code
-        aux_classifier = mlp_classifier(model.backbone.out_channels, n_aux_classes).to(device)
+    if cfg["encoder_checkpoint"] is not None:  # an authors' encoder file (checked at parse time)
+        backbone_state, classifier_state = read_encoder(cfg["encoder_checkpoint"], cfg["backbone"], cfg["width"])
+        # strict=False as the authors' load: the FWT parameters keep their initial values
+        model.backbone.load_state_dict(backbone_state, strict=False)
     else:
-        aux_classifier = nn.Linear(model.backbone.out_channels, n_aux_classes).to(device)
-        aux_classifier.load_state_dict({k[len("classifier."):]: v for k, v in pretrained.items()
-                                        if k.startswith("classifier.")})
+        if not pretrain_ckpt.is_file():
+            raise CLIError(f"no pretrained backbone at {pretrain_ckpt}; run --stage pretrain (or all) first")
+        pretrained = load_checkpoint(pretrain_ckpt, device)["model"]
+        model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained.items()
+                                        if k.startswith("backbone.")})
+        classifier_state = {k[len("classifier."):]: v for k, v in pretrained.items() if k.startswith("classifier.")}
+    # the authors' baseline has no auxiliary loss; every other method (and the baseline under
+    # --baseline-protocol lft) has one
+    authors_baseline = method == "baseline" and cfg["baseline_protocol"] == "authors"
+    aux_classifier = None
+    if authors_baseline:
+        pass
+    elif cfg["aux_loss"] == "mlp":  # random initialisation over the miniImagenet base classes (64), as in the LFT code
+        n_aux_classes = len(domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base").label_names)
+        aux_classifier = mlp_classifier(model.backbone.out_channels, n_aux_classes).to(device)
+    else:  # the pretraining head, all its outputs
+        aux_classifier = nn.Linear(model.backbone.out_channels, classifier_state["weight"].shape[0]).to(device)
+        aux_classifier.load_state_dict(classifier_state)
     trainer = LFTTrainer(model, method, cfg["lr"], cfg["fwt_lr"], cfg["fwt_weight_decay"], cfg["n_candidates"],
                          cfg["temperature"], torch.Generator().manual_seed(seed + 1), aux_classifier,
                          fwt_noise=cfg["fwt_noise"], meta_order=cfg["meta_order"],
@@ -299,25 +430,40 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
         start, history, best_val, best_model = state["epoch"], state["history"], state["best_val"], state["best_model"]
     seen = [d for d in DOMAINS if d != cfg["testset"]]
     augment = not cfg["no_augment"]
-    samplers = {d: sampler_for(cfg, d, "base", augment) for d in seen}
+    # a pseudo-seen domain is a single-domain loader, a pseudo-unseen one (and the authors'
+    # baseline's mix of all seen domains) a multi-domain one: they pad small classes differently
+    samplers = {d: sampler_for(cfg, d, "base", augment, multi_domain=authors_baseline) for d in seen}
+    unseen_samplers = {d: sampler_for(cfg, d, "base", augment, multi_domain=True) for d in seen}
     aux_source = ImageSource(domain_file_list(cfg["resolved_data_root"], PRETRAIN_DOMAIN, "base"),
-                             ImageTransform(cfg["image_size"], augment), cfg["data_root"] is None)
-    aux_batches = BatchSampler(aux_source, cfg["aux_batch"])
+                             ImageTransform(cfg["image_size"], augment, cfg["jitter_order"]), cfg["data_root"] is None)
+    aux_batches = BatchSampler(aux_source, cfg["aux_batch"], cfg["batch_sampling"], min_batch=world_size())
+    if state is not None and "aux_batches" in state:  # the rest of the current pass over miniImagenet base
+        aux_batches.load_state_dict(state["aux_batches"])
     val_sampler = sampler_for(cfg, PRETRAIN_DOMAIN, "val", False)
     meter = EfficiencyMeter(device)
-    guard = DivergenceGuard(EXPERIMENT, method, seed, [model, aux_classifier],
+    guard = DivergenceGuard(EXPERIMENT, method, seed, [m for m in (model, aux_classifier) if m is not None],
                             steps_done=start * cfg["episodes_per_epoch"])
     epochs = range(start, cfg["epochs"])
     for epoch in progress(epochs, desc=method) if is_main_process() else epochs:
-        pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
-        pseudo_seen, pseudo_unseen = samplers[seen[pair[0]]], samplers[seen[pair[1]]]
+        if authors_baseline:  # every seen domain in every epoch, an equal share of the episodes, shuffled
+            domains = [seen[i] for i in balanced_domain_order(len(seen), cfg["episodes_per_epoch"], data_gen)]
+            episode_domains = [(d, None) for d in domains]
+            pair_names = ("+".join(seen), None)
+        else:
+            pair = torch.randperm(len(seen), generator=data_gen)[:2].tolist()
+            episode_domains = [(seen[pair[0]], seen[pair[1]])] * cfg["episodes_per_epoch"]
+            pair_names = (seen[pair[0]], seen[pair[1]])
         aux_weight = aux_weight_at(epoch, cfg["epochs"], cfg["aux_loss"], cfg["aux_weight"])
         sums: dict[str, float] = {}
-        for _ in range(cfg["episodes_per_epoch"]):
+        for seen_domain, unseen_domain in episode_domains:
             # torchrun: the same episodes on every rank; each keeps the support and its share of the queries
-            seen_ep = shard_queries(pseudo_seen.sample(data_gen).images, cfg["n_shot"]).to(device)
-            unseen_ep = shard_queries(pseudo_unseen.sample(data_gen).images, cfg["n_shot"]).to(device)
-            aux = tuple(shard(t).to(device) for t in aux_batches.sample(data_gen)) if aux_weight > 0 else None
+            seen_ep = shard_queries(samplers[seen_domain].sample(data_gen).images, cfg["n_shot"]).to(device)
+            unseen_ep = None
+            if unseen_domain is not None:
+                unseen_ep = shard_queries(unseen_samplers[unseen_domain].sample(data_gen).images,
+                                          cfg["n_shot"]).to(device)
+            use_aux = aux_classifier is not None and aux_weight > 0
+            aux = tuple(shard(t).to(device) for t in aux_batches.sample(data_gen)) if use_aux else None
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 losses = trainer.step(seen_ep, unseen_ep, cfg["n_shot"], aux, aux_weight)
             on_every_rank(lambda: guard.check(**losses), device)  # rank-local buffers too
@@ -328,10 +474,12 @@ def train_method(cfg: dict, method: str, seed: int, device: torch.device, pretra
                               cfg["n_shot"])
         if val_acc > best_val:
             best_val, best_model = val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append({**sums, "val_acc": val_acc, "pseudo_seen": seen[pair[0]], "pseudo_unseen": seen[pair[1]],
+        history.append({**sums, "val_acc": val_acc, "pseudo_seen": pair_names[0], "pseudo_unseen": pair_names[1],
                         **fwt_scales(model)})
         if is_main_process():
-            save_checkpoint(ckpt, {"model": model.state_dict(), "aux_classifier": aux_classifier.state_dict(),
+            save_checkpoint(ckpt, {"model": model.state_dict(),
+                                   "aux_classifier": None if aux_classifier is None else aux_classifier.state_dict(),
+                                   "aux_batches": aux_batches.state_dict(),
                                    "trainer": trainer.state_dict(), "data_generator": data_gen.get_state(),
                                    "epoch": epoch + 1, "history": history, "best_val": best_val,
                                    "best_model": best_model, "efficiency": note_resume(meter.summary(), start),
@@ -411,7 +559,8 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     check_data_parallel(args, device)
     cfg = {k: v for k, v in vars(args).items() if k not in ("seed", "seeds", "resume", "overwrite", "stage", "methods")}
     ckpt_dir = Path(args.out) / "checkpoints"
-    run_stage = lambda name: args.stage in ("all", name)  # noqa: E731
+    def run_stage(name: str) -> bool:  # an --encoder-checkpoint stands in for the pretrain stage
+        return args.stage in ("all", name) and not (name == "pretrain" and args.encoder_checkpoint is not None)
     # a stage's results file marks it finished: pretrain's its own, train's and eval's the method's
     result_of = {(method, seed): results_path(args.out, EXPERIMENT, pretrain_setting(cfg) if method == PRETRAIN_METHOD
                                               else setting_of(cfg), method, seed)

@@ -411,7 +411,7 @@ def test_train_help_and_bad_arguments(repo_root, tmp_path, tiny_root):
                         str(tmp_path), cwd=repo_root)
     assert missing_base.returncode == 2 and "miniImagenet/base.json not found" in missing_base.stderr
     too_many = _run("cross_domain_fewshot.train", "--data-root", str(tiny_root), "--out", str(tmp_path), cwd=repo_root)
-    assert too_many.returncode == 2 and "lower --test-queries" in too_many.stderr  # 5 + 15 > 8 images per class
+    assert too_many.returncode == 2 and "--test-queries 15 queries per class: lower it" in too_many.stderr  # 5 + 15 > 8 images per class
     assert not (tmp_path / "checkpoints").exists()  # stopped before any work
     no_ckpt = _run("cross_domain_fewshot.eval", "--checkpoint", str(tmp_path / "x.pt"), cwd=repo_root)
     assert no_ckpt.returncode == 2 and "no checkpoint" in no_ckpt.stderr
@@ -475,3 +475,185 @@ def test_memory_fit_recovers_a_line_and_extrapolates():
     pair = [{"config": configs[0], "method": m, "time_s": t, "peak_mem_mb": mb}
             for m, t, mb in (("lft_second_order", 2.0, 400.0), ("lft_evograd", 1.0, 100.0))]
     assert format_measured(pair).splitlines()[-1] == "| ResNet10 | 32 | 1 | 0.03 | 2.00 | 1.00 | 0.50 | 400 | 100 | 0.25 |"
+
+
+# ------------------------------------------------------------------ the authors' baseline, encoder and data pipeline
+
+def _authors_encoder_state(width, n_classes=200, seed=0):
+    """An encoder state of the authors' layout (their BaselineTrain over a ResNet10), key by key."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(shape, generator=gen)  # noqa: E731
+
+    def bn(prefix, c):
+        return {f"{prefix}.weight": rand(c), f"{prefix}.bias": rand(c), f"{prefix}.running_mean": rand(c),
+                f"{prefix}.running_var": rand(c).abs() + 0.5, f"{prefix}.num_batches_tracked": torch.tensor(7)}
+    state = {"feature.trunk.0.weight": rand(width, 3, 7, 7), **bn("feature.trunk.1", width)}
+    for b, (cin, cout) in enumerate([(width, width), (width, 2 * width), (2 * width, 4 * width), (4 * width, 8 * width)]):
+        t = f"feature.trunk.{4 + b}"
+        state.update({f"{t}.C1.weight": rand(cout, cin, 3, 3), **bn(f"{t}.BN1", cout),
+                      f"{t}.C2.weight": rand(cout, cout, 3, 3), **bn(f"{t}.BN2", cout)})
+        if cin != cout:
+            state.update({f"{t}.shortcut.weight": rand(cout, cin, 1, 1), **bn(f"{t}.BNshortcut", cout)})
+    state.update({"classifier.weight": rand(n_classes, 8 * width), "classifier.bias": torch.zeros(n_classes)})
+    return state
+
+
+def _tiny_args(tiny_root, out, *extra):
+    return ["--data-root", str(tiny_root), "--out", str(out), "--width", "4", "--image-size", "16", "--n-shot", "1",
+            "--n-query", "2", "--val-episodes", "1", "--test-episodes", "2", "--test-queries", "2", "--aux-batch", "4",
+            "--seed", "3", *extra]
+
+
+def test_encoder_file_of_the_authors_layout_loads(tmp_path, tiny_root):
+    from common.runtime import CLIError
+    from cross_domain_fewshot.train import parse_config, read_encoder
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    state = _authors_encoder_state(4)
+    torch.save({"epoch": 399, "state": state}, folder / "399.tar")
+    torch.save({"epoch": 24, "state": _authors_encoder_state(4, seed=1)}, folder / "24.tar")
+    torch.save({"epoch": 0, "state": {"feature.trunk.0.weight": torch.zeros(4, 3, 7, 7)}}, tmp_path / "partial.tar")
+    backbone_state, classifier = read_encoder(folder, "ResNet10", 4)  # a folder: its highest epoch, as the authors
+    backbone = ResNetBackbone("ResNet10", 4)
+    backbone.load_state_dict(backbone_state, strict=False)
+    ours = backbone.state_dict()
+    pairs = {"stem.0.weight": "feature.trunk.0.weight", "stem.1.running_var": "feature.trunk.1.running_var",
+             "blocks.0.conv1.weight": "feature.trunk.4.C1.weight", "blocks.0.bn2.bias": "feature.trunk.4.BN2.bias",
+             "blocks.1.shortcut.0.weight": "feature.trunk.5.shortcut.weight",
+             "blocks.3.shortcut.1.running_mean": "feature.trunk.7.BNshortcut.running_mean",
+             "blocks.3.conv2.weight": "feature.trunk.7.C2.weight", "blocks.2.bn1.weight": "feature.trunk.6.BN1.weight"}
+    assert all(torch.equal(ours[k], state[v]) for k, v in pairs.items())
+    assert sum(not k.startswith("classifier.") for k in state) == len(backbone_state)
+    assert set(k for k in ours if ".fwt_" not in k) == set(backbone_state)  # every tensor but the FWT parameters
+    assert classifier["weight"].shape == (200, 32) and torch.equal(classifier["bias"], torch.zeros(200))
+    # the train stage starts from it (no pretrain stage), the FWT parameters at their initial values
+    args = parse_config(_tiny_args(tiny_root, tmp_path / "out", "--encoder-checkpoint", str(folder / "399.tar")))
+    assert args.encoder_checkpoint.endswith("399.tar")
+    for argv, words in [(["--encoder-checkpoint", str(tmp_path / "none.tar")], "not found"),
+                        (["--encoder-checkpoint", str(folder), "--width", "8"], "--width 64"),
+                        (["--encoder-checkpoint", str(folder), "--backbone", "ResNet18"], "lacks"),
+                        (["--encoder-checkpoint", str(tmp_path / "partial.tar")], "lacks"),
+                        (["--encoder-checkpoint", str(folder), "--stage", "pretrain"], "replaces the pretrain stage"),
+                        (["--encoder-checkpoint", str(tiny_root / "cub" / "base.json")], "not a readable torch file")]:
+        with pytest.raises(CLIError, match="--encoder-checkpoint") as err:
+            parse_config(_tiny_args(tiny_root, tmp_path / "out", *argv))
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", ["authors", "lft"])
+def test_baseline_has_no_aux_loss_and_mixes_the_seen_domains(protocol, tmp_path, tiny_root, monkeypatch):
+    from cross_domain_fewshot import data as fewshot_data
+    from cross_domain_fewshot import train as fewshot_train
+    from cross_domain_fewshot.data import balanced_domain_order
+    assert fewshot_train.build_parser().parse_args([]).baseline_protocol == "authors"
+    order = balanced_domain_order(4, 100, torch.Generator().manual_seed(0))
+    assert sorted(order) == sorted(list(range(4)) * 25) and order != sorted(order)
+    torch.save({"epoch": 399, "state": _authors_encoder_state(4)}, tmp_path / "399.tar")
+    episodes, steps, aux_picks = [], [], []
+    real_sample, real_step, real_load = EpisodeSampler.sample, LFTTrainer.step, fewshot_data.BatchSampler.load
+
+    def sample(self, generator):
+        if self.source.file_list.path.stem == "base":
+            episodes.append(self.source.file_list.path.parent.name)
+        return real_sample(self, generator)
+
+    def step(self, seen, unseen, n_shot, aux_batch=None, aux_weight=0.0):
+        steps.append((unseen is None, aux_batch is None, self.aux_classifier is None))
+        return real_step(self, seen, unseen, n_shot, aux_batch, aux_weight)
+
+    def load(self, picks, generator):
+        aux_picks.extend(picks)
+        return real_load(self, picks, generator)
+    monkeypatch.setattr(EpisodeSampler, "sample", sample)
+    monkeypatch.setattr(LFTTrainer, "step", step)
+    monkeypatch.setattr(fewshot_data.BatchSampler, "load", load)
+    out = tmp_path / "out"
+    fewshot_train.main(_tiny_args(tiny_root, out, "--methods", "baseline", "--epochs", "2", "--episodes-per-epoch", "8",
+                                  "--encoder-checkpoint", str(tmp_path / "399.tar"), "--baseline-protocol", protocol))
+    seen = [d for d in DOMAINS if d != "cub"]
+    assert not list(out.glob("*pretrain_linear*.json"))  # the encoder file stands in for the pretrain stage
+    state = torch.load(next(out.glob("checkpoints/baseline_*.pt")), weights_only=False)
+    if protocol == "authors":
+        # one episode per step, no auxiliary head or loss, every seen domain twice in each epoch of 8
+        assert steps == [(True, True, True)] * 16 and state["aux_classifier"] is None and not aux_picks
+        assert sorted(episodes[:8]) == sorted(episodes[8:]) == sorted(seen * 2)
+        assert all(h["aux_loss"] == 0 for h in state["history"])
+    else:  # as the LFT methods: one pseudo-seen domain per epoch, auxiliary batches without replacement
+        assert steps == [(False, False, False)] * 16 and state["aux_classifier"] is not None
+        assert len(set(episodes[0:16:2])) == 1 and len(set(episodes[16::2])) == 1
+        assert len(aux_picks) == 16 * 4 and len(set(aux_picks[:48])) == 48  # 48 miniImagenet base images, one pass
+
+
+def test_pretraining_head_and_batches_without_replacement(tiny_root):
+    from cross_domain_fewshot.data import BatchSampler
+    from cross_domain_fewshot.train import PretrainNet, build_parser
+    defaults = build_parser().parse_args([])
+    assert (defaults.pretrain_classes, defaults.batch_sampling) == (200, "epochs")
+    net = PretrainNet(ResNetBackbone("ResNet10", 4), 200)
+    assert net.classifier.out_features == 200 and torch.equal(net.classifier.bias, torch.zeros(200))
+    source = ImageSource(read_file_list(tiny_root / "miniImagenet" / "base.json"), ImageTransform(8, False), cache=True)
+    n = len(source.file_list.labels)  # 48
+    picks = []
+    batches = BatchSampler(source, 10)
+    real_load = batches.load
+    batches.load = lambda p, g: (picks.append(list(p)), real_load(p, g))[1]
+    gen = torch.Generator().manual_seed(0)
+    sizes = [len(labels) for _, labels in batches.epoch(gen)]
+    assert sizes == [10, 10, 10, 10, 8] and sorted(sum(picks, [])) == list(range(n))
+    picks.clear()
+    for _ in range(5):  # the auxiliary stream: the same passes, one batch at a time ...
+        batches.sample(gen)
+    assert sorted(sum(picks, [])) == list(range(n))
+    batches.sample(gen)
+    resumed = BatchSampler(source, 10)  # ... and a resumed stream continues the pass
+    resumed.load_state_dict(batches.state_dict())
+    assert resumed.pending == batches.pending and len(resumed.pending) == 4
+    assert BatchSampler(source, 10, min_batch=9)._pass(gen)[-1].__len__() == 10  # a remainder under min_batch: dropped
+    with_replacement = BatchSampler(source, 48, "replacement")
+    images, labels = with_replacement.sample(torch.Generator().manual_seed(0))
+    assert labels.shape == (48,)
+
+
+def test_small_classes_are_padded_by_repetition(tmp_path, tiny_root):
+    from cross_domain_fewshot.data import episode_classes
+    from cross_domain_fewshot.train import build_parser, sampler_for
+    assert build_parser().parse_args([]).small_classes == "pad"
+    src = [str(p) for p in read_file_list(tiny_root / "cub" / "base.json").image_paths]
+    labels = [0] * 3 + [1] * 6 + [2] * 60
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps({"label_names": ["a", "b", "c"], "image_names": (src * 2)[:69], "image_labels": labels}))
+    fl = read_file_list(path)
+    padded = episode_classes(fl, 3, 2, 3, pad_to=50)
+    assert padded[0] == [0, 1, 2] * 16 + [0, 1] and len(padded[1]) == 50 and padded[2] == list(range(9, 69))
+    assert episode_classes(fl, 3, 2, 3, pad_to=5)[0] == [0, 1, 2, 0, 1] and len(episode_classes(fl, 3, 2, 3, 5)[1]) == 6
+    assert list(episode_classes(fl, 1, 2, 3)) == [1, 2]  # without padding: the class of 3 images is left out
+    with pytest.raises(DataError, match="only 2 classes have >= 5 images"):
+        episode_classes(fl, 3, 2, 3)
+    sampler = EpisodeSampler(ImageSource(fl, ImageTransform(8, False), cache=True), 3, 2, 3, pad_to=50)
+    rows = [row for _ in range(4) for row in sampler.sample(torch.Generator().manual_seed(1)).indices]
+    assert any(len(set(row)) < len(row) for row in rows)  # a padded class repeats images within a row
+    # in training: 50 in single-domain loaders (pseudo-seen, validation), one row in multi-domain ones
+    cfg = {"resolved_data_root": str(tiny_root), "data_root": None, "image_size": 8, "jitter_order": "fixed",
+           "n_way": 5, "n_shot": 1, "n_query": 2, "small_classes": "pad"}
+    assert {len(v) for v in sampler_for(cfg, "cars", "base", True).groups.values()} == {50}
+    assert {len(v) for v in sampler_for(cfg, "cars", "base", True, multi_domain=True).groups.values()} == {8}
+    assert {len(v) for v in sampler_for({**cfg, "small_classes": "drop"}, "cars", "base", True).groups.values()} == {8}
+
+
+def test_colour_jitter_order_is_fixed_brightness_contrast_saturation(tiny_root):
+    from cross_domain_fewshot.data import ImageTransform as Transform
+    from cross_domain_fewshot.train import build_parser
+    assert build_parser().parse_args([]).jitter_order == "fixed"
+    img = load_image(read_file_list(tiny_root / "cub" / "base.json").image_paths[0]).float() / 255
+    gray = lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)  # noqa: E731 (PIL's "L")
+    gen = torch.Generator().manual_seed(4)
+    f = [0.6 + 0.8 * torch.rand((), generator=gen).item() for _ in range(3)]
+    expected = (img * f[0]).clamp(0, 1)                                                      # Brightness
+    expected = (gray(expected).mean() + f[1] * (expected - gray(expected).mean())).clamp(0, 1)  # Contrast
+    expected = (gray(expected) + f[2] * (expected - gray(expected))).clamp(0, 1)               # Color
+    out = Transform(40, True)._jitter(img, torch.Generator().manual_seed(4))
+    assert torch.allclose(out, expected, atol=1e-6)
+    # "random": the order is a permutation drawn first, then the factors
+    perm = torch.randperm(3, generator=torch.Generator().manual_seed(4)).tolist()
+    assert perm != [0, 1, 2]
+    assert not torch.allclose(Transform(40, True, "random")._jitter(img, torch.Generator().manual_seed(4)), out)
