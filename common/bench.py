@@ -48,7 +48,8 @@ from common import distributed
 from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, import_experiment_modules, prepare_out_file, run_cli, select_device
+from common.runtime import (CLIError, DefaultsHelpFormatter, import_experiment_modules, prepare_out_file, run_cli,
+                            select_device)
 
 StepFactory = Callable[[str, dict, torch.device], Callable[[], None]]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -350,7 +351,8 @@ def plan_benchmark(bench: Benchmark, methods: Sequence[str] | None, indices: Seq
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all registered)")
     parser.add_argument("--list", action="store_true", help="list registered benchmarks and exit")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: the benchmark's)")

@@ -47,7 +47,7 @@ import torch
 from common.bench import Benchmark, time_methods
 from common.profiling import EfficiencyMeter, peak_rss_mb
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, prepare_out, run_cli, select_device
+from common.runtime import CLIError, prepare_out, DefaultsHelpFormatter, run_cli, select_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_12GB_MIB = 12 * 1024
@@ -306,7 +306,8 @@ def run(jobs: Sequence[Job], device: torch.device, budget_s: float | None, warmu
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.gpu_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.gpu_bench", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cuda (the point of this command) or cpu (with --quick: the test form)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's tiny quick config instead of the plan")

@@ -35,8 +35,9 @@ from torch import Tensor
 from common.hypergrad import meta_backward
 from common.profiling import current_rss_mb, peak_rss_mb, reset_peak_rss
 from common.results import atomic_write_json, write_results
-from common.runtime import (CLIError, add_common_args, finished_runs, import_experiment_modules, non_negative,
-                            positive, prepare_out, progress, refuse_flags, run_cli, seed_everything, select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, add_common_args, finished_runs, import_experiment_modules,
+                            non_negative, positive, prepare_out, progress, refuse_flags, run_cli, seed_everything,
+                            select_device)
 from common.second_order import second_order_meta_loss_func
 
 EXPERIMENT = "hypergrad_study"
@@ -616,7 +617,8 @@ def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.hypergrad_study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.hypergrad_study", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--problems", nargs="+", help="problems to run (default: all found)")
     parser.add_argument("--draws", type=positive(int), default=64, help="hypergradients per setting (EvoGrad noise, instances)")
     parser.add_argument("--warmup", type=non_negative(int), default=1, help="untimed calls per setting before the draws")

@@ -34,7 +34,7 @@ from common.hypergrad import meta_backward
 from common.hypergrad_study import EstimatorSetting, ProblemInstance, discover_problems, fidelity
 from common.precision import AMP_DTYPES, autocast
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, positive, prepare_out, progress, run_cli, select_device
+from common.runtime import CLIError, DefaultsHelpFormatter, positive, prepare_out, progress, run_cli, select_device
 
 DEFAULT_PROBLEMS = ("rotation", "mwn_mnist", "film_mlp")
 AMP_CHOICES = tuple(AMP_DTYPES)  # bf16, fp16
@@ -146,7 +146,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.precision_study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.precision_study", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(DEFAULT_PROBLEMS), help="study problems to run")
     parser.add_argument("--amp", nargs="+", default=list(AMP_CHOICES), choices=list(AMP_CHOICES),
                         help="reduced precisions to compare with float32")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import math
 import os
@@ -33,6 +34,44 @@ class DataError(CLIError):
 
 class NonFiniteLossError(CLIError):
     """A loss became NaN/inf; the message names the step."""
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every flag's default after its help text, e.g. ``(default: 3e-05)``.
+
+    Every CLI's parser uses it (``formatter_class=DefaultsHelpFormatter``), so the paper settings
+    that the defaults hold can be read from ``--help``. Unlike ``argparse.ArgumentDefaultsHelpFormatter``
+    it also shows the default of a flag without help text, writes a list default as its items
+    (``joint_training metaxl``), and leaves out what says nothing: switches (``store_true``),
+    required flags, positionals, and a ``None`` default whose help already says what it means.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = self._default_text(action)
+        if not (action.help or "").strip() and default is not None:  # argparse prints no help text at all
+            action = copy.copy(action)
+            action.help = f"(default: {default.replace('%', '%%')})"
+            action.default_shown = True
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = self._default_text(action)
+        if default is None or "%(default)" in help_text or getattr(action, "default_shown", False):
+            return help_text
+        return f"{help_text} (default: {default.replace('%', '%%')})"
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str | None:
+        """The default as shown in the help, or None where it is not shown."""
+        if (action.nargs == 0 or action.required or action.default is argparse.SUPPRESS
+                or (not action.option_strings and action.nargs not in ("?", "*"))):
+            return None
+        if action.default is None and "default" in (action.help or "").lower():
+            return None
+        if isinstance(action.default, (list, tuple)):
+            return " ".join(str(v) for v in action.default) or "none"
+        return str(action.default)
 
 
 class _DistinctSeeds(argparse.Action):

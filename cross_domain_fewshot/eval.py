@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from common.results import load_checkpoint
-from common.runtime import CLIError, positive, progress, run_cli, seed_everything
+from common.runtime import CLIError, DefaultsHelpFormatter, positive, progress, run_cli, seed_everything
 from cross_domain_fewshot.data import DOMAINS, EpisodeSampler, ImageSource, ImageTransform, domain_file_list
 from cross_domain_fewshot.lft import evaluate
 from cross_domain_fewshot.models import FewShotModel, build_model
@@ -56,7 +56,8 @@ def evaluate_on_domain(model: FewShotModel, data_root: str | Path, domain: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint written by the train stage")
     parser.add_argument("--data-root", default=None, help="few-shot file lists; default: the one the run used")
     parser.add_argument("--testset", default=None, choices=DOMAINS[1:], help="unseen domain; default: the run's")

@@ -29,7 +29,7 @@ from torch import device as torch_device
 from common.bench import measure_memory
 from common.plotting import save_figure
 from common.results import atomic_write_json
-from common.runtime import CLIError, run_cli
+from common.runtime import CLIError, DefaultsHelpFormatter, run_cli
 from cross_domain_fewshot.models import build_model
 
 PAPER_PIXELS = 5 * (5 + 16) * 224 ** 2
@@ -109,7 +109,8 @@ def plot_fits(fits: dict, stem: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.memory_fit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.memory_fit", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("bench_json", nargs="*", help="files written by python -m common.bench ... --out")
     parser.add_argument("--out", default=None, help="stem for <out>.md and the figure <out>.png/.pdf")
     parser.add_argument("--measure", nargs=2, metavar=("CONFIG_JSON", "METHOD"), help="measure one memory point")

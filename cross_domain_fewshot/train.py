@@ -48,9 +48,9 @@ from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
 from common.results import (load_checkpoint, note_resume, restore_states, resume_checkpoint, results_path,
                             save_checkpoint, write_results)
-from common.runtime import (CLIError, DataError, DivergenceGuard, add_common_args, at_least, finished_runs,
-                            non_negative, positive, prepare_out, progress, run_cli, seed_everything, seeds_of,
-                            select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, DataError, DivergenceGuard, add_common_args, at_least,
+                            finished_runs, non_negative, positive, prepare_out, progress, run_cli, seed_everything,
+                            seeds_of, select_device)
 from cross_domain_fewshot.data import (AUTHORS_MIN_CLASS_SIZE, BATCH_SAMPLING, DOMAINS, JITTER_ORDERS, SMALL_CLASSES,
                                        BatchSampler, EpisodeSampler, ImageSource, ImageTransform,
                                        balanced_domain_order, domain_file_list, episode_classes,
@@ -71,7 +71,8 @@ LIMITS = {"final_loss": 1e3, "final_model_loss": 1e3, "fwt_gamma_scale": 100.0, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cross_domain_fewshot.train", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--stage", default="all", choices=["all", "pretrain", "train", "eval"], help="stage(s) to run")
     parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=sorted(METHODS),
                         help="methods of the train and eval stages (lft_<estimator> for every common.hypergrad one)")

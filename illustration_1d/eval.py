@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.plotting import plt, save_figure
-from common.runtime import CLIError, run_cli
+from common.runtime import CLIError, DefaultsHelpFormatter, run_cli
 
 
 def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
@@ -65,7 +65,8 @@ def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m illustration_1d.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m illustration_1d.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="results/illustration_1d", help="folder with the results file")
     parser.add_argument("--results-file", help="a specific results file (default: newest in --out)")
     args = parser.parse_args(argv)

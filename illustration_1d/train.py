@@ -29,8 +29,8 @@ import torch
 
 from common.evograd import candidate_weights
 from common.results import results_path, write_results
-from common.runtime import (CLIError, add_common_args, at_least, finished_runs, in_range, positive, prepare_out,
-                            refuse_flags, run_cli, seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, add_common_args, at_least, finished_runs, in_range,
+                            positive, prepare_out, refuse_flags, run_cli, seed_everything, seeds_of, select_device)
 
 STARTS = ((-1.8, 0.2), (-0.9, 1.2), (0.9, 0.8), (1.3, 0.2), (1.5, 1.7))
 ORDERS = ("x_first", "hypergrad_first")  # the authors' order first
@@ -40,7 +40,8 @@ TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m illustration_1d.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m illustration_1d.train", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--k-values", type=int, nargs="+", default=[2, 10, 100], help="numbers of candidates K")
     parser.add_argument("--trials", type=at_least(2), default=100,
                         help="independent draws of x ~ N(0,1) per λ (>= 2: the figure shows their std)")

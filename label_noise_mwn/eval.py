@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from common.results import atomic_write_json, load_checkpoint
-from common.runtime import CLIError, run_cli, select_device
+from common.runtime import CLIError, DefaultsHelpFormatter, run_cli, select_device
 from label_noise_mwn.data import load_dataset, normalize_batch
 from label_noise_mwn.models import VNet
 from label_noise_mwn.mwn import accuracy, init_models
@@ -66,7 +66,8 @@ def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a .pt file from <out>/checkpoints/")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the one used for training)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")

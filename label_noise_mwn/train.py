@@ -34,9 +34,9 @@ from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
-                            non_negative, positive, prepare_out,
-                            progress, run_cli, seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, DivergenceGuard, add_common_args, at_least, finished_runs,
+                            in_range, non_negative, positive, prepare_out, progress, run_cli, seed_everything,
+                            seeds_of, select_device)
 from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
 from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, make_optimizers, method_choices,
                                  train_iteration)
@@ -58,7 +58,8 @@ QUICK = {"dataset": "mnist", "data_root": None, "corruption_type": "unif", "corr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m label_noise_mwn.train", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     add_common_args(parser, default_seeds=(1,), default_out=f"results/{EXPERIMENT}")
     add_amp_arg(parser)  # --amp none|bf16|fp16 (common.precision)
     parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=method_choices(),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.results import atomic_write_json, env_info
-from common.runtime import CLIError, prepare_out_file, positive, progress, run_cli
+from common.runtime import CLIError, prepare_out_file, DefaultsHelpFormatter, positive, progress, run_cli
 from metaxl import train as metaxl_train
 from metaxl.data import build_vocab, collate, encode, epoch_batches, split_batch
 from metaxl.model import (TINY, RepresentationTransformation, StepConfig, build_optimizer, build_tagger, encoder_features,
@@ -89,7 +89,8 @@ def loss_spreads(model, rtn, source, target, layer: int, sigma: float, draws: in
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m metaxl.candidate_study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m metaxl.candidate_study", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--draws", type=positive(int), default=200, help="hypergradients per estimator")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (4 layers x 64), w128 or w256 (12 x 128, 12 x 256)")
     p.add_argument("--warm_steps", type=int, default=25, help="joint-training steps before the draws")

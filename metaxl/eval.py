@@ -16,13 +16,14 @@ from pathlib import Path
 from transformers import XLMRobertaConfig
 
 from common.results import atomic_write_json, load_checkpoint
-from common.runtime import CLIError, positive, run_cli, select_device
+from common.runtime import CLIError, DefaultsHelpFormatter, positive, run_cli, select_device
 from metaxl.model import TINY, build_tagger, evaluate, load_tokenizer
 from metaxl.train import load_data
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(prog="python -m metaxl.eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m metaxl.eval", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pt file from metaxl.train (--out/checkpoints/)")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="which target split to score")
     p.add_argument("--lang", default=None, help="target language (default: the one trained for)")

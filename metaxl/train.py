@@ -36,9 +36,9 @@ from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, in_range,
-                            non_negative, positive, prepare_out, progress, run_cli, seed_everything, seeds_of,
-                            select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, DivergenceGuard, add_common_args, at_least, finished_runs,
+                            in_range, non_negative, positive, prepare_out, progress, run_cli, seed_everything,
+                            seeds_of, select_device)
 from metaxl.data import (SUBSAMPLING, build_vocab, cycle_batches, encode, epoch_batches, load_language, split_batch,
                          subsample, write_synthetic_panx)
 from metaxl.model import (CANDIDATE_ENCODER, METHODS, OPTIMIZERS, TINY, TINY_LAYERS, RepresentationTransformation,
@@ -55,7 +55,8 @@ SYNTHETIC_MAX_SENTENCES = 20_000  # the generated pair's largest split: PAN-X's 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m metaxl.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m metaxl.train", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     p.add_argument("--model", default="xlm-roberta-base", help="hub name, local directory, or 'tiny' (random, offline)")
     p.add_argument("--source", default="en", help="auxiliary (source) language")

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from common.plotting import save_figure
 from common.results import load_results
-from common.runtime import CLIError, run_cli
+from common.runtime import CLIError, DefaultsHelpFormatter, run_cli
 from rotation.model import LeNet, n_parameters
 
 EXPERIMENT = "rotation"
@@ -132,7 +132,8 @@ def plot_scaling(bench_file: str | Path, stem: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rotation.eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rotation.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("results_dir", help="folder with rotation results JSON files")
     parser.add_argument("--setting", default=None, help="only this setting (mnist, mnist5k, mnist5k-quick)")
     parser.add_argument("--bench", default=None, help="bench JSON (python -m common.bench rotation --out FILE) to plot")

@@ -38,8 +38,8 @@ from common.hypergrad import ESTIMATORS, add_estimator_args, estimator_options, 
 from common.precision import Precision, add_amp_arg, backward, optimizer_step
 from common.profiling import EfficiencyMeter
 from common.results import note_resume, restore_states, resume_checkpoint, results_path, save_checkpoint, write_results
-from common.runtime import (CLIError, DivergenceGuard, add_common_args, at_least, finished_runs, positive, prepare_out,
-                            progress, run_cli, seed_everything, seeds_of, select_device)
+from common.runtime import (CLIError, DefaultsHelpFormatter, DivergenceGuard, add_common_args, at_least, finished_runs,
+                            positive, prepare_out, progress, run_cli, seed_everything, seeds_of, select_device)
 from rotation.data import (FILLS, INTERPOLATIONS, RotationData, batches, cycle_batches, load_rotation_data,
                            rotate_dataset)
 from rotation.model import LeNet, RotationTransformer, n_parameters
@@ -52,7 +52,8 @@ QUICK_EPOCHS = 15
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rotation.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rotation.train", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--method", "--methods", nargs="+", default=list(PAPER_METHODS), choices=METHODS,
                         help="methods to run one after another (baseline: no transformer)")
     parser.add_argument("--epochs", type=positive(int), default=None,
