@@ -153,3 +153,38 @@ def test_no_sync_in_a_meta_step_but_the_finiteness_check(method, monkeypatch):
         one_step(method, params, hyper, train, val)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_full_precision_turns_cuda_autocast_off(amp):
+    """``full_precision()`` must leave CUDA autocast too, not only the CPU's: EvoGrad's candidate passes and
+    SAMA's differences run in float32 inside it; ``full_precision(False)`` and the code after it keep autocast."""
+    from common.precision import AMP_DTYPES, autocast, full_precision
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8).to(CUDA)
+    x = torch.randn(4, 16, device=CUDA)
+    exact = layer(x)
+    with autocast(amp, CUDA):
+        assert torch.is_autocast_enabled("cuda") and layer(x).dtype == AMP_DTYPES[amp]
+        with full_precision():
+            assert not torch.is_autocast_enabled("cuda")
+            inside = layer(x)
+        with full_precision(enabled=False):
+            assert layer(x).dtype == AMP_DTYPES[amp]
+        assert layer(x).dtype == AMP_DTYPES[amp]
+    assert inside.dtype == torch.float32 and torch.equal(inside, exact)
+
+
+def test_evograd_candidates_run_in_float32_under_cuda_autocast():
+    """Under CUDA bf16 autocast EvoGrad's K candidate losses are the float32 ones (same noise), not bfloat16's."""
+    from common.precision import autocast
+    model, _, train, val = cnn_problem(dtype=torch.float32, device=CUDA)
+    params = perturbable_params(model)
+    losses = {}
+    for amp in ("none", "bf16"):
+        with autocast(amp, CUDA):
+            out = evograd_meta_loss(params, train, val, n_candidates=4, sigma=1e-3, temperature=0.05,
+                                    generator=torch.Generator().manual_seed(3), noise_device="cpu",
+                                    return_diagnostics=True)
+        losses[amp] = out.candidate_losses
+    torch.testing.assert_close(losses["bf16"], losses["none"], rtol=1e-6, atol=0)
