@@ -64,8 +64,9 @@ def summary_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_angles(runs: list[dict], stem: str | Path) -> list[Path]:
-    """Learned angle (degrees) against iterations, one line per seed, one panel per method."""
+def plot_angles(runs: list[dict], stem: str | Path, legend_below: bool = False) -> list[Path]:
+    """Learned angle (degrees) against iterations, one line per seed, one panel per method; with
+    ``legend_below`` each panel's legend goes under its axes, clear of the curves."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if run["metrics"].get("angles_deg"):
@@ -78,9 +79,20 @@ def plot_angles(runs: list[dict], stem: str | Path) -> list[Path]:
             ax.plot(run["metrics"]["angles_deg"], linewidth=1.2, label=f"seed {run['seed']}")
         target = group[0]["config"].get("rotation_deg", 30.0)
         ax.axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"true {target:g}°")
-        ax.set(title=method, xlabel="iteration", ylabel="learned angle (°)")
-        ax.legend(fontsize=7)
+        ax.set(title=method, xlabel="iteration")
+        if legend_below:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+        else:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("learned angle (°)")
     return save_figure(fig, stem)
+
+
+def headline_figure(records: list[dict], stem: Path) -> list[Path]:
+    """The learned angle over iterations for every seed of each method in ``records`` (results records
+    as from ``common.results.load_results``; runs without angles, the baseline's, are left out);
+    PNG + PDF at ``stem``."""
+    return plot_angles([r for r in records if r.get("experiment") == EXPERIMENT], stem, legend_below=True)
 
 
 def summarise(folder: str | Path, setting: str | None = None) -> str:

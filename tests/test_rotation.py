@@ -22,7 +22,7 @@ from common.runtime import DataError, run_cli
 from rotation import train
 from rotation.bench import make_step
 from rotation.data import BACKGROUND, FILLS, load_rotation_data, rotate_dataset, split_bounds
-from rotation.eval import summary_table
+from rotation.eval import headline_figure, summary_table
 from rotation.model import LeNet, RotationTransformer, n_parameters, rotate_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,3 +303,12 @@ def test_cli_error_for_k_below_two(capsys):
     with pytest.raises(SystemExit) as done:
         run_cli(train.main, ["--k", "1"])
     assert done.value.code == 2 and "--k/--n-candidates: must be >= 2" in capsys.readouterr().err
+
+
+def test_headline_figure_is_written_from_two_records(tmp_path):
+    def record(method: str, seed: int) -> dict:
+        return {"experiment": "rotation", "setting": "mnist", "method": method, "seed": seed,
+                "config": {"rotation_deg": 30.0}, "metrics": {"angles_deg": [0.0, 10.0, 25.0, 29.0]}}
+    paths = headline_figure([record("evograd", 1), record("second_order", 1)], tmp_path / "figures" / "headline")
+    assert [p.name for p in paths] == ["headline.png", "headline.pdf"]
+    assert all(p.stat().st_size > 1000 for p in paths)
