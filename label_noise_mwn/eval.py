@@ -7,6 +7,7 @@ Rebuilds the model from the configuration stored in the checkpoint, reads the sa
 few loss values (MWN's learned curve: low weight for high-loss, likely mislabelled, examples) next
 to the curve of the run's initial VNet (rebuilt from the run's seed) and the relative change
 ‖λ − λ_init‖ / ‖λ_init‖ of VNet's parameters, and writes them to ``<checkpoint>.eval.json``.
+``headline_figure`` draws the README's figure (test accuracy per epoch) from results files.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.plotting import plt, save_figure
 from common.results import atomic_write_json, load_checkpoint
 from common.runtime import CLIError, DefaultsHelpFormatter, run_cli, select_device
 from label_noise_mwn.data import load_dataset, normalize_batch
@@ -25,6 +27,34 @@ from label_noise_mwn.mwn import accuracy, init_models
 
 LOSS_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 CONFIG_KEYS = {"dataset", "data_root", "seed", "depth", "width", "base_channels", "vnet_hidden", "method", "setting"}
+METHOD_ORDER = ("baseline", "mwn_second_order", "mwn_evograd")
+
+
+def draw_test_acc(ax: "plt.Axes", records: list[dict]) -> None:
+    """Test accuracy against epoch on ``ax``, one line per (method, seed), one colour per method."""
+    methods = sorted({r["method"] for r in records},
+                     key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    for colour, method in enumerate(methods):
+        runs = sorted((r for r in records if r["method"] == method), key=lambda r: r["seed"])
+        label = f"{method} (seed{'s' if len(runs) > 1 else ''} {', '.join(str(r['seed']) for r in runs)})"
+        for i, r in enumerate(runs):
+            acc = r["metrics"]["test_acc_per_epoch"]
+            epochs = r["metrics"].get("test_epoch_per_epoch") or range(1, len(acc) + 1)
+            ax.plot(epochs, acc, color=f"C{colour}", alpha=0.8, marker=".", label=label if i == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    # below the axes: the curves fill the whole panel
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(methods), 2), frameon=False)
+
+
+def headline_figure(records: list[dict], stem: Path) -> list[Path]:
+    """Test accuracy against epoch of every run in ``records``, one panel per setting; PNG + PDF at ``stem``."""
+    settings = sorted({r["setting"] for r in records})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.8), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        draw_test_acc(ax, [r for r in records if r["setting"] == setting])
+        ax.set_title(f"label_noise_mwn: {setting}")
+    return save_figure(fig, stem)
 
 
 def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str = "auto") -> dict:

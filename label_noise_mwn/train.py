@@ -289,16 +289,11 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
 def plot_curves(records: list[dict], out: Path) -> None:
     """Test accuracy per epoch, one line per (method, seed), one figure per setting."""
     import matplotlib.pyplot as plt
+    from label_noise_mwn.eval import draw_test_acc
     for setting in sorted({r["setting"] for r in records}):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for r in (r for r in records if r["setting"] == setting):
-            acc = r["metrics"]["test_acc_per_epoch"]
-            epochs = r["metrics"].get("test_epoch_per_epoch") or range(1, len(acc) + 1)
-            ax.plot(epochs, acc, label=f"{r['method']} (seed {r['seed']})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
+        draw_test_acc(ax, [r for r in records if r["setting"] == setting])
         ax.set_title(f"{EXPERIMENT}: {setting}")
-        ax.legend(fontsize=7)
         # no "." in the stem: save_figure swaps the suffix
         save_figure(fig, out / "figures" / f"{EXPERIMENT}_{setting.replace('.', 'p')}_test_acc")
 

@@ -426,3 +426,13 @@ def test_meta_batches_reshuffle_every_pass_like_the_authors_loader():
     check = torch.Generator().manual_seed(0)
     assert orders[0] == torch.randperm(10, generator=check).tolist()
     assert orders[1] == torch.randperm(10, generator=check).tolist()
+
+
+def test_headline_figure_is_drawn_from_results_records(tmp_path):
+    """One line per (method, seed), coloured by method, from records as common.results loads them."""
+    records = [{"experiment": "label_noise_mwn", "method": method, "seed": 1, "setting": "mnist-unif0.6",
+                "metrics": {"test_epoch_per_epoch": [5, 10, 15], "test_acc_per_epoch": acc}}
+               for method, acc in (("baseline", [30.0, 60.0, 70.0]), ("mwn_evograd", [35.0, 65.0, 80.0]))]
+    paths = mwn_eval.headline_figure(records, tmp_path / "figures" / "label_noise_mwn_headline")
+    assert [p.name for p in paths] == ["label_noise_mwn_headline.png", "label_noise_mwn_headline.pdf"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
