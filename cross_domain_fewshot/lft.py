@@ -176,6 +176,8 @@ class LFTTrainer:
 
         The baseline (no meta step) uses ``seen`` only; ``unseen`` may be None for it.
         """
+        if unseen is None and self.estimator is not None:
+            raise ValueError(f"{self.method} takes a meta step and needs the pseudo-unseen episode")
         model = self.model
         model.train()
         broadcast_buffers(model)  # torchrun: rank 0's running statistics on every rank, as DDP

@@ -5,7 +5,8 @@ Stages (``--stage all`` runs them in order, for every method in ``--methods``):
   pretrain  backbone + linear classifier on miniImagenet's base classes (FWT off);
   train     multi-domain leave-one-out: ``--testset`` is the unseen domain, the other four are
             seen; every epoch picks a pseudo-seen and a pseudo-unseen domain among them, every
-            iteration takes one episode of each (see ``cross_domain_fewshot/lft.py``); validation
+            iteration takes one episode of each (see ``cross_domain_fewshot/lft.py``); the
+            baseline takes one episode per iteration, the seen domains mixed in every epoch; validation
             on miniImagenet's val split each epoch records the best model; checkpoint per epoch;
   eval      ``--test-episodes`` episodes of the unseen domain's novel split with ``--test-queries``
             queries per class, of the final model (or ``--test-checkpoint best_val``): accuracy ± 95% CI.
