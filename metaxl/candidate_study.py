@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         setattr(config, key, value)
     model = build_tagger(config).train()
     layer = config.num_hidden_layers
+    # the xlmr input format (encode's default), as when the study's numbers were measured
     source_items = encode(tokenizer, data["source"], train_args.max_seq_length)
     target_items = encode(tokenizer, data["target"], train_args.max_seq_length)
     order = torch.Generator().manual_seed(args.seed)
@@ -121,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pad = tokenizer.pad_token_id
     for step, batch in zip(range(args.warm_steps), epoch_batches(source_items * 10, 12, order, pad)):
         target = collate([target_items[(12 * step + i) % len(target_items)] for i in range(12)], pad)
-        train_iteration("joint_training", model, None, warm, constant, None, batch, target, None, StepConfig(layer))
+        # the study's fixed protocol (its published numbers): warm-up on L_source + L_target clipped at 10
+        train_iteration("joint_training", model, None, warm, constant, None, batch, target, None,
+                        StepConfig(layer, joint_loss="sum_clipped"))
     source = next(epoch_batches(source_items, train_args.batch_size, order, pad))
     target, meta = split_batch(collate(target_items[: train_args.batch_size], pad), train_args.batch_size // 2)
     rtn = RepresentationTransformation(config.hidden_size, train_args.bottle_size)

@@ -9,6 +9,7 @@ deterministically in the same format, which is then read back through ``read_pan
 """
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -243,27 +244,94 @@ def align_labels(word_ids: list[int | None], word_label_ids: list[int]) -> list[
     return labels
 
 
+INPUT_FORMATS = ("authors", "xlmr")
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How sentences become model input.
+
+    ``authors`` (the MetaXL/EvoGrad code, ``ondrejbohdal/evograd``, ``CrossLingualLearningMetaXL/models.py``
+    lines 25-26, 40-41, 53-55, 89 and 592-601): the ids of the strings ``[CLS]`` and ``[SEP]`` around the
+    words (XLM-R's vocabulary has neither, so both are ``<unk>``), a word with no sub-token becomes the
+    id of ``[OOV]`` (``<unk>`` too), the whole sequence is cut to the length (the end token goes with
+    it), padding with id 0, and position ids 0..T-1 passed explicitly. ``xlmr``: the tokenizer's own
+    ``<s> … </s>``, its pad id, and the model's own position ids (RoBERTa: padding_idx + 1 onwards).
+    """
+
+    name: str
+    pad_id: int
+    start_id: int | None = None
+    end_id: int | None = None
+    empty_word_id: int | None = None
+    explicit_positions: bool = False
+
+
+def input_format(tokenizer, name: str = "authors") -> InputFormat:
+    """The ``InputFormat`` called ``name`` for ``tokenizer`` (special ids looked up in its vocabulary).
+
+    Raises:
+        ValueError: on an unknown name.
+    """
+    if name == "authors":
+        cls_id, sep_id, oov_id = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[OOV]"])
+        return InputFormat("authors", pad_id=0, start_id=cls_id, end_id=sep_id, empty_word_id=oov_id,
+                           explicit_positions=True)
+    if name == "xlmr":
+        return InputFormat("xlmr", pad_id=tokenizer.pad_token_id)
+    raise ValueError(f"unknown input format {name!r}; choose from {INPUT_FORMATS}")
+
+
 @dataclass
 class Encoded:
-    """One sentence as model input: ``input_ids`` and aligned ``labels`` (same length)."""
+    """One sentence as model input: ``input_ids`` and aligned ``labels`` (same length).
+
+    ``label_words[k]`` is the index of the word whose label sits at the k-th labelled sub-token,
+    so predictions go back to their words even where a word has no sub-token or was cut off.
+    """
 
     input_ids: list[int]
     labels: list[int]
     n_words: int
+    label_words: list[int] | None = None
 
 
-def encode(tokenizer, sentences: list[Sentence], max_length: int) -> list[Encoded]:
-    """Tokenise word lists (truncating to ``max_length`` sub-tokens) and align labels."""
+def encode(tokenizer, sentences: list[Sentence], max_length: int, fmt: InputFormat | None = None) -> list[Encoded]:
+    """Tokenise word lists (at most ``max_length`` sub-tokens) and align labels; ``fmt`` None is ``xlmr``."""
+    if fmt is not None and fmt.name == "authors":
+        return [_encode_authors(tokenizer, words, tags, max_length, fmt) for words, tags in sentences]
     out = []
     for words, tags in sentences:
         enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        labels = align_labels(enc.word_ids(), [LABEL_TO_ID[t] for t in tags])
-        out.append(Encoded(list(enc["input_ids"]), labels, len(words)))
+        word_ids = enc.word_ids()
+        labels = align_labels(word_ids, [LABEL_TO_ID[t] for t in tags])
+        label_words = [w for w, lab in zip(word_ids, labels) if lab != IGNORE_INDEX]
+        out.append(Encoded(list(enc["input_ids"]), labels, len(words), label_words))
     return out
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
-    """Pad to the longest item: ``input_ids``, ``attention_mask``, ``labels``, each [B, T]."""
+def _encode_authors(tokenizer, words: list[str], tags: list[str], max_length: int, fmt: InputFormat) -> Encoded:
+    """``[CLS]`` word pieces ``[SEP]``, an empty word as ``[OOV]``, then cut to ``max_length`` (``InputFormat``)."""
+    pieces = tokenizer(list(words), add_special_tokens=False)["input_ids"]
+    ids, labels, label_words = [fmt.start_id], [IGNORE_INDEX], []
+    for index, (sub, tag) in enumerate(zip(pieces, tags)):
+        sub = list(sub) or [fmt.empty_word_id]
+        ids += sub
+        labels += [LABEL_TO_ID[tag]] + [IGNORE_INDEX] * (len(sub) - 1)
+        label_words.append(index)
+    ids, labels = (ids + [fmt.end_id])[:max_length], (labels + [IGNORE_INDEX])[:max_length]
+    kept = sum(lab != IGNORE_INDEX for lab in labels)
+    return Encoded(ids, labels, len(words), label_words[:kept])
+
+
+def collate(items: list[Encoded], pad_id: int | InputFormat) -> dict[str, Tensor]:
+    """Pad to the longest item: ``input_ids``, ``attention_mask``, ``labels``, each [B, T].
+
+    ``pad_id`` is the pad id or an ``InputFormat`` (its pad id; with explicit positions the batch also
+    holds ``position_ids`` 0..T-1).
+    """
+    fmt = pad_id if isinstance(pad_id, InputFormat) else None
+    pad_id = fmt.pad_id if fmt is not None else pad_id
     length = max(len(it.input_ids) for it in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -273,7 +341,10 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
         ids[i, :n] = torch.tensor(it.input_ids)
         labels[i, :n] = torch.tensor(it.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if fmt is not None and fmt.explicit_positions:
+        batch["position_ids"] = torch.arange(length).expand(len(items), length).clone()
+    return batch
 
 
 def split_batch(batch: dict[str, Tensor], n_first: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -292,17 +363,39 @@ def split_batch(batch: dict[str, Tensor], n_first: int) -> tuple[dict[str, Tenso
     return part(slice(0, n_first)), part(slice(n_first, n))
 
 
-def epoch_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad_id: int):
+def epoch_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad: int | InputFormat):
     """Shuffled batches covering ``items`` once (the last one may be smaller)."""
     order = torch.randperm(len(items), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        yield collate([items[i] for i in order[start:start + batch_size]], pad_id)
+        yield collate([items[i] for i in order[start:start + batch_size]], pad)
 
 
-def cycle_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad_id: int):
-    """Endless shuffled full batches (reshuffled every pass), for the small target set."""
+def cycle_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, pad: int | InputFormat):
+    """Endless shuffled full batches (reshuffled every pass; the order wraps around to fill the last)."""
     while True:
         order = torch.randperm(len(items), generator=generator).tolist()
         order += order[: (-len(order)) % batch_size]  # wrap so every batch is full
         for start in range(0, len(order), batch_size):
-            yield collate([items[i] for i in order[start:start + batch_size]], pad_id)
+            yield collate([items[i] for i in order[start:start + batch_size]], pad)
+
+
+TARGET_BATCHES = ("loader", "wrap")
+
+
+def loader_batches(items: list[Encoded], batch_size: int, seed: int, pad: int | InputFormat, start: int = 0):
+    """Endless batches as the MetaXL code's ``DataIterator`` over a shuffled ``DataLoader``.
+
+    Each pass over ``items`` is a new shuffle cut into ⌈N / batch_size⌉ batches, the last one
+    short (no ``drop_last``: 100 sentences in batches of 12 give 8 of 12 and one of 4), and the
+    stream never restarts (``ondrejbohdal/evograd``, ``CrossLingualLearningMetaXL/data_utils.py``
+    lines 4-21, ``mtrain.py`` line 799). Pass p's order depends only on (``seed``, p), so the
+    stream can be resumed at batch ``start`` (the number of batches already drawn).
+    """
+    per_pass = math.ceil(len(items) / batch_size)
+    epoch, offset = divmod(start, per_pass)
+    while True:
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(
+            zlib.crc32(f"target/{seed}/{epoch}".encode()))).tolist()
+        for k in range(offset, per_pass):
+            yield collate([items[i] for i in order[k * batch_size:(k + 1) * batch_size]], pad)
+        epoch, offset = epoch + 1, 0

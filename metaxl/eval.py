@@ -17,6 +17,7 @@ from transformers import XLMRobertaConfig
 
 from common.results import atomic_write_json, load_checkpoint
 from common.runtime import CLIError, DefaultsHelpFormatter, positive, run_cli, select_device
+from metaxl.data import input_format
 from metaxl.model import TINY, build_tagger, evaluate, load_tokenizer
 from metaxl.train import load_data
 
@@ -51,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model.load_state_dict(ckpt["model"])
     with tempfile.TemporaryDirectory(prefix="metaxl_eval_") as scratch:
         data = load_data(train_args, lang, Path(scratch))
-    scores = evaluate(model, tokenizer, data[args.split], train_args.eval_max_seq_length, args.eval_batch_size, device)
+    fmt = input_format(tokenizer, getattr(train_args, "input_format", "xlmr"))  # older checkpoints: xlmr
+    scores = evaluate(model, tokenizer, data[args.split], train_args.eval_max_seq_length, args.eval_batch_size, device,
+                      fmt)
     scores = {**scores, "lang": lang, "split": args.split, "method": ckpt["method"], "seed": ckpt["seed"],
               "epoch": ckpt["epoch"], "checkpoint": str(args.checkpoint)}
     print(f"{ckpt['method']} seed {ckpt['seed']} (epoch {ckpt['epoch']}) on {lang} {args.split}: "

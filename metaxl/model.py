@@ -34,7 +34,7 @@ from common.evograd import functional_forward
 from common.hypergrad import meta_backward
 from common.precision import backward, optimizer_step, unscale_gradients
 from common.runtime import CLIError
-from metaxl.data import IGNORE_INDEX, LABELS, Sentence, collate, encode, word_level_tokenizer
+from metaxl.data import IGNORE_INDEX, LABELS, InputFormat, Sentence, collate, encode, word_level_tokenizer
 
 Batch = Mapping[str, Tensor]
 TINY = "tiny"
@@ -99,6 +99,19 @@ def build_tagger(model: str | XLMRobertaConfig) -> XLMRobertaForTokenClassificat
                        "use --model tiny offline") from None
 
 
+def use_input_format(model: XLMRobertaForTokenClassification, fmt: InputFormat | None) -> None:
+    """Under the authors' input (explicit positions 0..T-1) row 1 of the position embedding is the first
+    word's position, so it trains as in their BERT embedding layer (``ondrejbohdal/evograd``,
+    ``CrossLingualLearningMetaXL/models.py`` lines 731-760), instead of staying fixed as RoBERTa's pad position."""
+    if fmt is not None and fmt.explicit_positions:
+        model.roberta.embeddings.position_embeddings.padding_idx = None
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The keyword arguments of a forward pass: ids, attention mask and, where the batch has them, position ids."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
 @contextmanager
 def transformed(model: XLMRobertaForTokenClassification, rtn: nn.Module | None, layer: int) -> Iterator[None]:
     """Within the block, hidden states after encoder layer ``layer`` pass through ``rtn``."""
@@ -132,7 +145,7 @@ def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def tagger_loss(model: XLMRobertaForTokenClassification, batch: Batch, params: Mapping[str, Tensor] | None = None,
                 rtn: nn.Module | None = None, layer: int = 12) -> Tensor:
     """Token loss of ``model`` (with ``params`` in place of its own, if given) on ``batch``."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)
     with transformed(model, rtn, layer):
         out = model(**inputs) if params is None else functional_forward(model, params, **inputs)
     return token_loss(out.logits, batch["labels"])
@@ -145,14 +158,18 @@ def training_loss(model, source: Batch, target: Batch, rtn: nn.Module | None, la
 
 
 def main_update(model, optimizer: torch.optim.Optimizer, scheduler, source: Batch, target: Batch,
-                rtn: nn.Module | None, layer: int, max_grad_norm: float) -> float:
-    """One optimiser step of the main model on L_train (the RTN is held fixed)."""
-    loss = training_loss(model, source, target, rtn, layer)
+                rtn: nn.Module | None, layer: int, max_grad_norm: float | None, scale: float = 1.0) -> float:
+    """One optimiser step of the main model on ``scale`` · L_train (the RTN is held fixed).
+
+    ``max_grad_norm`` None: no clipping.
+    """
+    loss = scale * training_loss(model, source, target, rtn, layer)
     optimizer.zero_grad(set_to_none=True)
     backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])  # scaled under --amp fp16
     average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP), then clipped
     unscale_gradients(optimizer)  # --amp fp16: clip the true gradients
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer_step(optimizer)
     scheduler.step()
     return loss.item()
@@ -181,8 +198,7 @@ def encoder_features(model, batch: Batch, rtn: nn.Module | None = None, layer: i
     """
     frozen = {n: p.detach() for n, p in model.roberta.named_parameters()}
     with transformed(model, rtn, layer):
-        hidden = functional_forward(model.roberta, frozen, input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = functional_forward(model.roberta, frozen, **model_inputs(batch)).last_hidden_state
     return model.dropout(hidden)
 
 
@@ -234,6 +250,10 @@ def metaxl_evograd_meta_step(estimator: str, model, rtn: nn.Module, source: Batc
 # ---------------------------------------------------------------------------------------------
 
 METHODS = ("joint_training", "metaxl", "metaxl_evograd")
+# joint training's update: (L_source + L_target) / 2 without clipping (the MetaXL code's step_gold_mix,
+# ``ondrejbohdal/evograd``, ``CrossLingualLearningMetaXL/mlt.py`` lines 882-903), or the meta methods'
+# L_source + L_target clipped at --max_grad_norm
+JOINT_LOSSES = ("half", "sum_clipped")
 
 
 @dataclass
@@ -248,6 +268,7 @@ class StepConfig:
     sigma: float = 1e-3
     temperature: float = 0.05
     candidate_encoder: str = "per_candidate"
+    joint_loss: str = "half"
 
 
 def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, scheduler, meta_optimizer,
@@ -277,7 +298,13 @@ def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, schedu
         meta_optimizer.step()
         if meta_scheduler is not None:
             meta_scheduler.step()
-    train_loss = main_update(model, optimizer, scheduler, source, target, rtn, cfg.transfer_layer, cfg.max_grad_norm)
+    if method == "joint_training" and cfg.joint_loss == "half":
+        train_loss = main_update(model, optimizer, scheduler, source, target, rtn, cfg.transfer_layer, None, scale=0.5)
+    elif method == "joint_training" and cfg.joint_loss != "sum_clipped":
+        raise ValueError(f"unknown joint_loss {cfg.joint_loss!r}; choose from {JOINT_LOSSES}")
+    else:
+        train_loss = main_update(model, optimizer, scheduler, source, target, rtn, cfg.transfer_layer,
+                                 cfg.max_grad_norm)
     return {"train_loss": train_loss, "meta_loss": meta_loss}
 
 
@@ -324,24 +351,27 @@ def load_tokenizer(model_name: str, vocab: dict[str, int] | None = None):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, sentences: list[Sentence], max_length: int, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, fmt: InputFormat | None = None) -> dict[str, float]:
     """Entity-level precision, recall and F1 (in %, ``seqeval``) of the tags at first sub-tokens.
 
-    Words cut off by ``max_length`` are predicted ``O``.
+    Each prediction goes to its own word (``Encoded.label_words``); a word without a labelled
+    sub-token (cut off by ``max_length``, or no sub-token in the ``xlmr`` format) is predicted ``O``
+    in its place, so later words stay aligned with their gold tags. ``fmt`` None: ``xlmr``.
     """
-    items = encode(tokenizer, sentences, max_length)
+    items = encode(tokenizer, sentences, max_length, fmt)
     was_training = model.training
     model.eval()
     predicted = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        batch = collate(chunk, fmt if fmt is not None else tokenizer.pad_token_id)
+        logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits
         best = logits.argmax(-1).cpu()  # [B, T]
         for i, item in enumerate(chunk):
-            tags = [LABELS[k] for k in best[i][batch["labels"][i] != IGNORE_INDEX].tolist()]
-            predicted.append(tags + ["O"] * (item.n_words - len(tags)))
+            tags = ["O"] * item.n_words
+            for word, k in zip(item.label_words, best[i][batch["labels"][i] != IGNORE_INDEX].tolist()):
+                tags[word] = LABELS[k]
+            predicted.append(tags)
     model.train(was_training)
     gold = [tags for _, tags in sentences]
     scores = {name: 100 * score(gold, predicted, zero_division=0)  # no entity predicted -> 0, not a warning

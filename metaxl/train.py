@@ -39,11 +39,11 @@ from common.results import note_resume, restore_states, resume_checkpoint, resul
 from common.runtime import (CLIError, DefaultsHelpFormatter, DivergenceGuard, add_common_args, at_least, finished_runs,
                             in_range, non_negative, positive, prepare_out, progress, run_cli, seed_everything,
                             seeds_of, select_device)
-from metaxl.data import (SUBSAMPLING, build_vocab, cycle_batches, encode, epoch_batches, load_language, split_batch,
-                         subsample, write_synthetic_panx)
-from metaxl.model import (CANDIDATE_ENCODER, METHODS, OPTIMIZERS, TINY, TINY_LAYERS, RepresentationTransformation,
-                          StepConfig, build_optimizer, build_tagger, evaluate, load_tokenizer, tiny_config, to_device,
-                          train_iteration)
+from metaxl.data import (INPUT_FORMATS, SUBSAMPLING, TARGET_BATCHES, build_vocab, cycle_batches, encode, epoch_batches,
+                         input_format, load_language, loader_batches, split_batch, subsample, write_synthetic_panx)
+from metaxl.model import (CANDIDATE_ENCODER, JOINT_LOSSES, METHODS, OPTIMIZERS, TINY, TINY_LAYERS,
+                          RepresentationTransformation, StepConfig, build_optimizer, build_tagger, evaluate,
+                          load_tokenizer, tiny_config, to_device, train_iteration, use_input_format)
 
 PAPER_TARGETS = ("qu", "cdo", "ilo", "xmf", "mhr", "mi", "tk", "gn")
 SYNTHETIC_EVAL_SIZES = {"dev": 100, "test": 300}
@@ -72,6 +72,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target_split", default="half", choices=("half", "independent"),
                    help="half: one target batch per iteration, its first half in L_train and the rest as the meta "
                         "batch (the MetaXL code, --portion 2); independent: two separate full target batches")
+    p.add_argument("--target_batches", default="loader", choices=TARGET_BATCHES,
+                   help="loader: the target sentences reshuffled on every pass and cut into batches, the last one "
+                        "short, one stream across epochs (the MetaXL code's DataIterator); wrap: every batch full, "
+                        "the order wrapping around, a new stream every epoch")
+    p.add_argument("--input_format", default="authors", choices=INPUT_FORMATS,
+                   help="authors: [CLS]/[SEP] strings around the words (<unk> for XLM-R), pad id 0, position ids "
+                        "from 0, an empty word as [OOV] (the MetaXL code); xlmr: the tokenizer's <s> ... </s>, its "
+                        "pad id and XLM-R's own position ids")
+    p.add_argument("--joint_loss", default="half", choices=JOINT_LOSSES,
+                   help="joint_training's update: half = (L_source + L_target) / 2 without gradient clipping (the "
+                        "MetaXL code); sum_clipped = L_source + L_target clipped at --max_grad_norm like the meta "
+                        "methods")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
                    help="main model optimiser: adam (weight decay coupled into the gradient, the MetaXL code) "
                         "or adamw (decoupled)")
@@ -182,6 +194,8 @@ def target_batches(targets, split: str, meta: bool) -> tuple[dict, dict | None]:
     if not meta:
         return batch, None
     if split == "half":
+        if batch["input_ids"].shape[0] < 2:  # a short batch of one sentence: the MetaXL code skips the iteration
+            return None, None
         return split_batch(batch, batch["input_ids"].shape[0] // 2)
     return batch, next(targets)
 
@@ -191,20 +205,22 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     generator = seed_everything(seed)
     vocab = build_vocab(data["source"] + data["target"]) if args.model == TINY else None
     tokenizer = load_tokenizer(args.model, vocab)
+    fmt = input_format(tokenizer, args.input_format)
     model_spec = tiny_config(len(vocab), max(args.max_seq_length, args.eval_max_seq_length)) if vocab else args.model
     model = build_tagger(model_spec).to(device).train()
+    use_input_format(model, fmt)
     if not 0 <= args.transfer_layer <= model.config.num_hidden_layers:
         raise CLIError(f"--transfer_layer must be in 0..{model.config.num_hidden_layers} for {args.model}, "
                        f"got {args.transfer_layer}")
     rtn = (RepresentationTransformation(model.config.hidden_size, args.bottle_size).to(device)
            if method != "joint_training" else None)
-    source_items = encode(tokenizer, data["source"], args.max_seq_length)
-    target_items = encode(tokenizer, data["target"], args.max_seq_length)
+    source_items = encode(tokenizer, data["source"], args.max_seq_length, fmt)
+    target_items = encode(tokenizer, data["target"], args.max_seq_length, fmt)
     steps_per_epoch = math.ceil(len(source_items) / args.batch_size)
     optimizer, scheduler, meta_optimizer, meta_scheduler = build_optimizers(args, model, rtn,
                                                                             args.epochs * steps_per_epoch)
     cfg = StepConfig(args.transfer_layer, args.max_grad_norm, args.metaxl_estimator, args.evograd_estimator,
-                     args.n_candidates, args.sigma, args.temperature, args.candidate_encoder)
+                     args.n_candidates, args.sigma, args.temperature, args.candidate_encoder, args.joint_loss)
 
     ckpt_path = Path(args.out) / "checkpoints" / results_path("", "metaxl", setting, method, seed).with_suffix(".pt").name
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rtn": rtn,
@@ -224,13 +240,19 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
     guard = DivergenceGuard("metaxl", method, seed, [model, rtn], steps_done=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         order = torch.Generator().manual_seed(seed * 1000 + epoch)  # data order depends only on (seed, epoch)
-        targets = cycle_batches(target_items, args.batch_size, order, tokenizer.pad_token_id)
+        if args.target_batches == "loader":  # one stream over all epochs, resumed where the last epoch left it
+            per_step = 2 if rtn is not None and args.target_split == "independent" else 1
+            targets = loader_batches(target_items, args.batch_size, seed, fmt, start=epoch * steps_per_epoch * per_step)
+        else:
+            targets = cycle_batches(target_items, args.batch_size, order, fmt)
         losses = []
-        source_stream = epoch_batches(source_items, args.batch_size, order, tokenizer.pad_token_id)
+        source_stream = epoch_batches(source_items, args.batch_size, order, fmt)
         if is_main_process():
             source_stream = progress(source_stream, total=steps_per_epoch, desc=f"{method} s{seed} ep{epoch + 1}")
         for step, source_batch in enumerate(source_stream):
             target_batch, meta_batch = target_batches(targets, args.target_split, rtn is not None)
+            if target_batch is None:
+                continue
             with guard.step(epoch + 1), meter.step(), precision.iteration():  # autocast under --amp
                 out = train_iteration(method, model, rtn, optimizer, scheduler, meta_optimizer,
                                       shard_batch(source_batch, device), shard_batch(target_batch, device),
@@ -241,8 +263,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
             on_every_rank(lambda: guard.check(training_loss=out["train_loss"],
                                               meta_loss=out["meta_loss"] if rtn is not None else None), device)
             losses.append(out["train_loss"])
-        dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device)
-        test = evaluate(model, tokenizer, data["test"], args.eval_max_seq_length, args.eval_batch_size, device)
+        dev = evaluate(model, tokenizer, data["dev"], args.eval_max_seq_length, args.eval_batch_size, device, fmt)
+        test = evaluate(model, tokenizer, data["test"], args.eval_max_seq_length, args.eval_batch_size, device, fmt)
         history.append({"epoch": epoch + 1, "train_loss": statistics.fmean(losses), "dev_f1": dev["f1"],
                         "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"]})
         log(f"{setting} {method} seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
@@ -279,8 +301,10 @@ def check_shardable(args: argparse.Namespace) -> None:
     if world_size() == 1:
         return
     source = (min(args.batch_size, args.train_size), args.train_size % args.batch_size or args.batch_size)
-    target = min(args.batch_size, args.target_train_size)
-    halves = (target // 2, target - target // 2) if args.target_split == "half" else (target,)
+    targets = {min(args.batch_size, args.target_train_size)}
+    if args.target_batches == "loader" and args.target_train_size % args.batch_size:
+        targets.add(args.target_train_size % args.batch_size)  # the short batch of every pass
+    halves = [h for t in targets for h in ((t // 2, t - t // 2) if args.target_split == "half" else (t,))]
     smallest = min(*source, *halves)
     if smallest < world_size():
         raise CLIError(f"--batch_size {args.batch_size} with --train_size {args.train_size}, --target_train_size "

@@ -18,10 +18,12 @@ from common.results import load_checkpoint  # noqa: E402
 from common.runtime import CLIError, DataError, run_cli  # noqa: E402
 from metaxl import eval as metaxl_eval  # noqa: E402
 from metaxl import train as metaxl_train  # noqa: E402
-from metaxl.data import (IGNORE_INDEX, LABEL_TO_ID, align_labels, build_vocab, collate, encode,  # noqa: E402
-                         load_language, read_panx, split_batch, subsample, word_level_tokenizer, write_synthetic_panx)
-from metaxl.model import (RepresentationTransformation, build_optimizer, build_tagger, evaluate,  # noqa: E402
-                          metaxl_evograd_meta_step, metaxl_meta_step, tiny_config, transformed)
+from metaxl.data import (IGNORE_INDEX, LABEL_TO_ID, LABELS, align_labels, build_vocab, collate, encode,  # noqa: E402
+                         input_format, load_language, loader_batches, read_panx, split_batch, subsample,
+                         word_level_tokenizer, write_synthetic_panx)
+from metaxl.model import (RepresentationTransformation, StepConfig, build_optimizer, build_tagger,  # noqa: E402
+                          evaluate, metaxl_evograd_meta_step, metaxl_meta_step, tagger_loss, tiny_config,
+                          train_iteration, transformed, use_input_format)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -442,3 +444,136 @@ def test_candidate_study_smoke_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         run_cli(candidate_study.main, ["--draws", "1"])
     assert bad.value.code == 2 and "--draws must be >= 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' input, joint loss, target batches and evaluation alignment
+# ---------------------------------------------------------------------------------------------
+
+def _positions_seen(model, batch):
+    seen = []
+    handle = model.roberta.embeddings.position_embeddings.register_forward_hook(
+        lambda _mod, inputs, _out: seen.append(inputs[0].clone()))
+    try:
+        tagger_loss(model, batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_authors_input_format_is_the_default_with_unk_specials_pad_0_and_positions_from_0():
+    sentences = [(["ana", "in", "lima"], ["B-PER", "O", "B-LOC"]), (["lima"], ["B-LOC"])]
+    tok = word_level_tokenizer(build_vocab(sentences))
+    assert metaxl_train.parse_args([]).input_format == "authors"
+    authors = input_format(tok, "authors")
+    unk = tok.unk_token_id
+    # [CLS], [SEP] and [OOV] are not in the vocabulary (nor in XLM-R's): all three become <unk>
+    assert (authors.start_id, authors.end_id, authors.empty_word_id, authors.pad_id) == (unk, unk, unk, 0)
+    items = encode(tok, sentences, 16, authors)
+    assert items[0].input_ids == [unk, tok.convert_tokens_to_ids("ana"), tok.convert_tokens_to_ids("in"),
+                                  tok.convert_tokens_to_ids("lima"), unk]
+    assert items[0].labels == [IGNORE_INDEX, LABEL_TO_ID["B-PER"], 0, LABEL_TO_ID["B-LOC"], IGNORE_INDEX]
+    batch = collate(items, authors)
+    assert batch["input_ids"][1].tolist() == [unk, tok.convert_tokens_to_ids("lima"), unk, 0, 0]  # pad id 0
+    assert batch["position_ids"].tolist() == [list(range(5))] * 2
+    # truncation cuts the whole sequence, [SEP] included, as the authors' tokenizer does
+    assert encode(tok, sentences[:1], 3, authors)[0].input_ids == items[0].input_ids[:3]
+    # xlmr: <s> ... </s>, pad id 1, no explicit positions (the model counts from padding_idx + 1 = 2)
+    xlmr = input_format(tok, "xlmr")
+    plain = collate(encode(tok, sentences, 16, xlmr), xlmr)
+    assert plain["input_ids"][1].tolist() == [0, tok.convert_tokens_to_ids("lima"), 2, 1, 1]
+    assert "position_ids" not in plain
+    model = build_tagger(tiny_config(len(tok), 16)).eval()
+    assert _positions_seen(model, batch)[0].tolist() == [0, 1, 2, 3, 4]
+    assert _positions_seen(model, plain)[0].tolist() == [2, 3, 4, 5, 6]
+    assert _positions_seen(model, plain)[1].tolist() == [2, 3, 4, 1, 1]
+    # the authors' position 1 (the first word) trains: RoBERTa's pad position row is freed
+    use_input_format(model, authors)
+    model.train()
+    tagger_loss(model, batch).backward()
+    assert model.roberta.embeddings.position_embeddings.weight.grad[1].abs().sum() > 0
+
+
+def test_joint_loss_is_the_halved_sum_without_clipping_by_default(tiny_setup):
+    model, batches = tiny_setup
+    assert metaxl_train.parse_args([]).joint_loss == "half" and StepConfig().joint_loss == "half"
+    grads = {}
+    for joint_loss in ("half", "sum_clipped"):
+        clone = build_tagger(tiny_config(model.config.vocab_size, 16)).eval()
+        clone.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(clone.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        cfg = StepConfig(transfer_layer=4, max_grad_norm=1e-3, joint_loss=joint_loss)
+        out = train_iteration("joint_training", clone, None, opt, sched, None, batches[0], batches[1], None, cfg)
+        full = (tagger_loss(clone, batches[0]) + tagger_loss(clone, batches[1])).item()
+        assert out["train_loss"] == pytest.approx(full / 2 if joint_loss == "half" else full, rel=1e-5)
+        grads[joint_loss] = torch.cat([p.grad.flatten() for p in clone.parameters() if p.grad is not None])
+    total = grads["half"].norm()
+    assert total > 1e-2  # not clipped to 1e-3
+    clone = build_tagger(tiny_config(model.config.vocab_size, 16)).eval()
+    clone.load_state_dict(model.state_dict())
+    (tagger_loss(clone, batches[0]) + tagger_loss(clone, batches[1])).mul(0.5).backward()
+    expected = torch.cat([p.grad.flatten() for p in clone.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["half"], expected, rtol=1e-4, atol=1e-7)
+    assert grads["sum_clipped"].norm() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_short_target_batches_reiterate_the_shuffled_loader_without_drop_last():
+    assert metaxl_train.parse_args([]).target_batches == "loader"
+    items = encode(word_level_tokenizer(build_vocab(_sentences(100))), _sentences(100), 8)
+    stream = loader_batches(items, 12, seed=3, pad=1)
+    sizes, passes, current = [], [], []
+    for _ in range(27):
+        batch = next(stream)
+        sizes.append(batch["input_ids"].shape[0])
+        current += batch["input_ids"][:, 1].tolist()
+        if len(current) == 100:
+            passes.append(current)
+            current = []
+    assert sizes == ([12] * 8 + [4]) * 3  # 8 full batches and one of 4, then a new pass
+    assert all(sorted(p) == sorted(passes[0]) for p in passes) and len(set(passes[0])) == 100
+    assert passes[0] != passes[1]  # reshuffled every pass
+    resumed = loader_batches(items, 12, seed=3, pad=1, start=10)  # resumes inside the second pass
+    fresh = loader_batches(items, 12, seed=3, pad=1)
+    for _ in range(10):
+        next(fresh)
+    for _ in range(12):
+        assert torch.equal(next(resumed)["input_ids"], next(fresh)["input_ids"])
+    # the short batch of 4 is split 2/2 for the meta methods; a batch of one sentence skips the iteration
+    short = collate(items[:4], 1)
+    first, meta = metaxl_train.target_batches(iter([short]), "half", meta=True)
+    assert (first["input_ids"].shape[0], meta["input_ids"].shape[0]) == (2, 2)
+    assert metaxl_train.target_batches(iter([collate(items[:1], 1)]), "half", meta=True) == (None, None)
+
+
+class _IdTagger(torch.nn.Module):
+    """Predicts the tag stored for each input id (an id without one: O)."""
+
+    def __init__(self, tag_of_id):
+        super().__init__()
+        self.tag_of_id = tag_of_id
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        logits = torch.zeros(*input_ids.shape, len(LABELS))
+        for (i, j), token in zip(torch.cartesian_prod(torch.arange(input_ids.shape[0]),
+                                                      torch.arange(input_ids.shape[1])).tolist(),
+                                 input_ids.flatten().tolist()):
+            logits[i, j, LABEL_TO_ID[self.tag_of_id.get(token, "O")]] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("name", ["authors", "xlmr"])
+def test_a_word_without_sub_tokens_keeps_later_predictions_aligned(name):
+    # " " has no sub-token under whitespace splitting (as a zero-width or control character under XLM-R's)
+    gold = [(["ana", " ", "quispe", "in", "lima"], ["B-PER", "O", "B-PER", "O", "B-LOC"])]
+    tok = word_level_tokenizer(build_vocab([(["ana", "quispe", "in", "lima"], ["O"] * 4)]))
+    assert tok([" "], add_special_tokens=False)["input_ids"] == [[]]
+    fmt = input_format(tok, name)
+    item = encode(tok, gold, 16, fmt)[0]
+    if name == "authors":  # the empty word stands as [OOV] (<unk>) and keeps its label
+        assert item.input_ids[2] == tok.unk_token_id and item.labels[2] == LABEL_TO_ID["O"]
+        assert item.label_words == [0, 1, 2, 3, 4]
+    else:
+        assert item.label_words == [0, 2, 3, 4]
+    tagger = _IdTagger({tok.convert_tokens_to_ids(w): t for w, t in zip(*gold[0]) if w != " "})
+    assert evaluate(tagger, tok, gold, 16, 1, torch.device("cpu"), fmt)["f1"] == pytest.approx(100.0)
