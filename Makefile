@@ -6,10 +6,10 @@ RESULTS ?= results
 # every experiment's --quick run on its embedded offline data, in this order
 EXPERIMENTS := illustration_1d rotation label_noise_mwn cross_domain_fewshot metaxl
 # --resume: a second make reproduce finishes interrupted runs and keeps finished ones;
-# RUN_FLAGS=--overwrite reruns everything (README, "Runs, checkpoints and resume")
+# RUN_FLAGS=--overwrite reruns everything (docs/runs_and_resume.md)
 RUN_FLAGS ?= --resume
 
-.PHONY: setup test reproduce bench gpu-bench clean
+.PHONY: setup test reproduce docs bench gpu-bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -29,10 +29,14 @@ reproduce: setup
 	$(PYTHON) -m common.hypergrad_study --quick --out $(RESULTS)/hypergrad_study $(RUN_FLAGS)
 	$(PYTHON) -m common.report $(RESULTS)
 
+# refill every generated table and headline figure of the docs from the committed runs/
+docs: setup
+	$(PYTHON) -m common.report --docs
+
 bench: setup
 	$(PYTHON) -m common.bench --out $(RESULTS)/bench.json
 
-clean:
+clean:   # runs/ (the committed results) is kept
 	rm -rf $(RESULTS)
 
 # One CUDA GPU: every paper-shape benchmark, methods side by side (common/gpu_bench.py); writes

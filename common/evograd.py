@@ -50,6 +50,7 @@ from common.precision import full_precision
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 NOISE_KINDS = ("sign", "gaussian")
+NOISE_ADDRESSING = ("stream", "index")  # CandidateNoise, common.fsdp.IndexedNoise
 
 
 class EvoGradOutput(NamedTuple):
@@ -229,7 +230,7 @@ def evograd_meta_loss(
     when the model runs through ``functional_forward``: it normalises with the batch statistics
     as in the loop, and its running statistics are not read or written (the loop leaves them
     unchanged too). Anything else that vmap refuses raises ``ValueError``. Where it pays off,
-    measured side by side on a CPU (top README, "Batched candidates"): only where each candidate
+    measured side by side on a CPU (docs/batched_candidates.md): only where each candidate
     pass is too small to keep the cores busy (rotation's LeNet width 1, K = 2, 5, 10: 0.9× the
     loop's time); at LeNet width 4 (1.1–1.5×) and on Meta-Weight-Net's ResNet-32 (1.05–1.7×) it
     was slower, and it always took more memory (1.1–1.9×). On a GPU, where small passes leave the
@@ -336,6 +337,7 @@ def evograd_hypergrad_low_memory(
     generator: torch.Generator | None = None,
     noise_device: torch.device | str | None = None,
     candidates_in_float32: bool = True,
+    noise_addressing: str = "stream",
 ) -> EvoGradOutput:
     """EvoGrad hypergradient with one candidate graph alive at a time; accumulates into ``.grad``.
 
@@ -354,6 +356,9 @@ def evograd_hypergrad_low_memory(
         hyperparams: the λ tensors to receive gradients (``requires_grad=True``).
         train_loss_fn, val_loss_fn, n_candidates, sigma, temperature, noise, generator,
             noise_device, candidates_in_float32: as in ``evograd_meta_loss``.
+        noise_addressing: "stream" (``CandidateNoise``) or "index" (``common.fsdp.IndexedNoise``:
+            each element's noise from its parameter's name and index, the noise of the sharded
+            EvoGrad ``common.fsdp.sharded_evograd_hypergrad``; ``noise_device`` is then unused).
 
     Returns:
         ``EvoGradOutput`` with the detached validation loss, candidate losses and weights.
@@ -367,7 +372,8 @@ def evograd_hypergrad_low_memory(
         raise ValueError("hyperparams is empty: pass the tensors that should receive hypergradients")
     if not all(h.requires_grad for h in hyperparams):
         raise ValueError("every tensor in hyperparams must have requires_grad=True")
-    base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device)
+    base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device,
+                                noise_addressing)
 
     losses, loss_grads = [], []  # loss_grads[k][i] = ∂ℓ_k/∂λ_i
     for k in range(n_candidates):
@@ -463,7 +469,16 @@ def _check_candidates(n_candidates: int) -> None:
         raise ValueError(f"n_candidates (K) must be an integer >= 2, got {n_candidates!r}")
 
 
-def _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device=None):
+def _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device=None,
+             noise_addressing="stream", offsets=None):
+    """(θ detached, the K candidates' noise) after the argument checks; the seeds are rank 0's.
+
+    ``noise_addressing="index"`` gives ``common.fsdp.IndexedNoise`` (element i of a tensor from
+    (seed, name, offsets[j] + i), so a shard's noise is a slice of the whole tensor's) instead of
+    ``CandidateNoise``; ``offsets`` (default all 0) as there.
+    """
+    if noise_addressing not in NOISE_ADDRESSING:
+        raise ValueError(f"noise_addressing must be one of {NOISE_ADDRESSING}, got {noise_addressing!r}")
     _check_candidates(n_candidates)
     _check_positive("sigma", sigma)
     _check_positive("temperature", temperature)
@@ -478,6 +493,9 @@ def _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_d
         noise_device = None if noise_device is None else torch.device(noise_device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"noise_device must name a torch device such as 'cpu' or 'cuda', got {noise_device!r}") from err
+    if noise_addressing == "index":
+        from common.fsdp import IndexedNoise  # common.fsdp imports this module
+        return base, IndexedNoise(seeds, sigma, noise, list(base), offsets)
     return base, CandidateNoise(seeds, sigma, noise, noise_device)
 
 

@@ -404,8 +404,7 @@ def sama_hypergrad(
         differences_in_float32: under ``torch.autocast``, run the two passes at θ ± εPv (forward
             and backward) with autocast off, in float32 (``common.precision.full_precision``), as
             EvoGrad's candidates: their difference is a small change of two gradients, and in
-            bfloat16 it is mostly rounding (MWN on MNIST: cosine 0.74 with the float32
-            hypergradient under autocast, 0.99 with these passes in float32;
+            bfloat16 it is mostly rounding (``python -m common.precision_study`` measures it;
             ``common/HYPERGRAD_STUDY.md``, "Reduced precision"). No effect outside autocast.
 
     Returns:

@@ -413,6 +413,9 @@ def headline_table(records: list[dict], paper: dict, link_prefix: str = "") -> T
 
 def study_tables(study_json: Path, problems: Sequence[str] = ()) -> list[Table]:
     """The estimator study's tables, one per problem, from its ``study.json``."""
+    if not Path(study_json).is_file():
+        raise CLIError(f"{study_json}: no such study file; write it with python -m common.hypergrad_study "
+                       f"--out {Path(study_json).parent}")
     hypergrad_study = importlib.import_module("common.hypergrad_study")
     rows_by_problem = hypergrad_study.load_rows([study_json])
     tables = []
@@ -427,6 +430,8 @@ def study_tables(study_json: Path, problems: Sequence[str] = ()) -> list[Table]:
 
 def bench_tables(bench_json: Path) -> list[Table]:
     """``common.bench`` output: one table per (benchmark, config), ratios to its reference method."""
+    if not Path(bench_json).is_file():
+        raise CLIError(f"{bench_json}: no such benchmark file; write it with python -m common.bench --out {bench_json}")
     bench = importlib.import_module("common.bench")
     data = json.loads(Path(bench_json).read_text())
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -589,7 +594,7 @@ def fill_docs(root: Path = REPO_ROOT, check: bool = False) -> list[str]:
 
 
 # (experiment, committed results folder) whose headline figure ``--docs`` redraws into docs/figures
-DOC_FIGURES = (("illustration_1d", "runs/quick/illustration_1d"), ("rotation", "runs/rotation_mnist"),
+DOC_FIGURES = (("illustration_1d", "runs/illustration_1d"), ("rotation", "runs/rotation_mnist"),
                ("label_noise_mwn", "runs/label_noise_mwn_mnist"))
 
 
@@ -600,7 +605,9 @@ def draw_doc_figures(root: Path = REPO_ROOT) -> list[Path]:
         records = _records([folder], root)
         draw = importlib.import_module(f"{experiment}.eval").headline_figure
         written += draw(records, root / "docs" / "figures" / f"{experiment}_headline")
-    return written
+    for path in [p for p in written if p.suffix != ".png"]:   # the docs show PNGs; PDFs stay with the runs
+        path.unlink()
+    return [p for p in written if p.suffix == ".png"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -654,8 +661,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.write_text(text)
     out.with_suffix(".html").write_text(build_html(records, paper, figures, skipped))
     out.with_name("diagnostics.csv").write_text(diagnostics_csv(records))
-    print(text)
-    print(f"\nwrote {out}, {out.with_suffix('.html')} and {out.with_name('diagnostics.csv')}")
+    # The tables live in the files; the terminal gets where they are.
+    print(f"{len(records)} results files, {len({r.get('experiment') for r in records})} experiment(s)")
+    print(f"wrote {out}, {out.with_suffix('.html')} and {out.with_name('diagnostics.csv')}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ A results file is one JSON object per run:
 runs by (experiment, setting, method); scalar metrics are tabulated, lists (curves) are kept for
 figures.
 
-Guarantees (README, "Runs, checkpoints and resume"): files get the mode the umask gives
+Guarantees (docs/runs_and_resume.md): files get the mode the umask gives
 (``0o666 & ~umask``, not ``mkstemp``'s 0600); a temp file left by a killed write is removed by a
 later write into the same folder once it is older than ``STALE_TEMP_AGE_S``; a checkpoint that
 cannot be read, or was written under other settings, is a ``RunFileError`` naming the file and

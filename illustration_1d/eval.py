@@ -28,9 +28,22 @@ def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CLIError(f"{results_file} is not an illustration_1d results file ({type(err).__name__}: {err}); "
                        "rerun python -m illustration_1d.train") from None
+    out = Path(out_dir)
+    return [plot_hypergradients(curves, out / "hypergradients")[0], plot_trajectories(curves, paths, out / "trajectories")[0]]
+
+
+def headline_figure(records: list[dict], stem: Path) -> list[Path]:
+    """Figure 1 of the first run in ``records`` at ``stem`` and its Figure 2 at ``<stem>_trajectories``."""
+    metrics = records[0]["metrics"]
+    stem = Path(stem)
+    return (plot_hypergradients(metrics["curves"], stem)
+            + plot_trajectories(metrics["curves"], metrics["trajectories"], stem.with_name(stem.name + "_trajectories")))
+
+
+def plot_hypergradients(curves: dict, stem: Path) -> list[Path]:
+    """Figure 1: EvoGrad's mean ± std over trials against the ground truth, one panel per K."""
     ks = list(curves["per_k"])
     lam, truth = np.array(curves["lambda"]), np.array(curves["truth"])
-
     fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 3.2), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], ks):
         c = curves["per_k"][k]
@@ -42,9 +55,12 @@ def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("λ")
     axes[0][0].set_ylabel("dL_val / dλ")
     axes[0][0].legend(fontsize=8)
-    out = Path(out_dir)
-    figs = [save_figure(fig, out / "hypergradients")[0]]
+    return save_figure(fig, stem)
 
+
+def plot_trajectories(curves: dict, paths: dict, stem: Path) -> list[Path]:
+    """Figure 2: (x, λ) trajectories from five starts over the validation loss, one panel per K."""
+    ks = list(curves["per_k"])
     x_grid = np.linspace(-2, 2, 200)
     l_grid = np.linspace(0, 2, 100)
     background = np.tile((x_grid - 0.5) ** 2, (len(l_grid), 1))
@@ -60,8 +76,7 @@ def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
         ax.set_title(f"K = {k}: EvoGrad (solid) vs ground truth (dashed)", fontsize=9)
         ax.set_xlabel("x")
     axes[0][0].set_ylabel("λ")
-    figs.append(save_figure(fig, out / "trajectories")[0])
-    return figs
+    return save_figure(fig, stem)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -85,6 +85,11 @@ def test_cli_writes_results_and_figures(tmp_path):
     out = subprocess.run([sys.executable, "-m", "illustration_1d.eval", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "trajectories.png" in out.stdout
+    from illustration_1d.eval import headline_figure   # the docs' figure: both figures from one record
+    paths = headline_figure([record], tmp_path / "docs" / "headline")
+    assert sorted(p.name for p in paths) == ["headline.pdf", "headline.png", "headline_trajectories.pdf",
+                                             "headline_trajectories.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
 
 
 @pytest.mark.parametrize("argv,word", [(["--k-values", "1"], "k-values"), (["--trials", "0"], "trials"),
