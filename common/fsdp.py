@@ -1,0 +1,622 @@
+"""Hypergradients of a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+EvoGrad (Bohdal, Yang, Hospedales, NeurIPS 2021, arXiv 2106.10575) needs only forward passes of the
+base model at perturbed parameters and one ordinary backward pass, so it runs on a model whose
+parameters θ are split over N ranks (each rank holds the rows [a_r, b_r) of every parameter's dim 0)
+without ever holding a whole copy of θ. One meta step, with λ the hyperparameters:
+
+    ε_k = σ·s_k,   s_k[p, i] = ±1 (or N(0, 1)) from a hash of (seed_k, name of p, global index i)
+    ℓ_k(λ) = L_train(θ + ε_k, λ)                    each rank perturbs its own shard in place
+    w = softmax(−ℓ/τ),   θ* = θ + Σ_k w_k ε_k        in place again
+    g = ∇_θ L_val(θ*)  (sharded, from FSDP's reduce-scatter),   d_k = ⟨ε_k, g⟩ = Σ_r ⟨ε_k, g⟩_shard r
+    dL_val(θ*)/dλ = Σ_k (∂L_val/∂ℓ_k) ∂ℓ_k/∂λ + ∂L_val/∂λ,
+    ∂L_val/∂ℓ_k = −(w_k/τ)(d_k − Σ_j w_j d_j)       (the Jacobian of softmax(−ℓ/τ))
+
+the same value as ``common.evograd.evograd_hypergrad_low_memory`` with
+``noise_addressing="index"`` on the unsharded model (tested to 1e-6 relative in float64).
+
+Index-addressed noise. ``CandidateNoise`` draws ε_k as one stream over a parameter, so element i's
+value depends on everything drawn before it: a rank holding rows [a_r, b_r) could not draw its part
+without drawing the whole tensor. ``IndexedNoise`` computes every element from its own global
+index with a counter-based hash (splitmix64, integer ops only), so a shard's noise is the
+corresponding slice of the unsharded noise whatever the split, and is the same on a CPU and a GPU.
+
+Data: like FSDP itself, every rank runs its own part of each batch and the losses are the mean over
+ranks, L = (1/N) Σ_r l_r. The loss callables take no argument (they run the sharded module's own
+forward on this rank's data) and return l_r. λ is replicated (a tensor of the caller's or the
+parameters of a submodule left out of sharding with ``shard_model(..., ignored_params=...)``); its
+gradient is averaged over ranks, identical on every rank.
+
+Memory per rank (|θ| parameter elements, N ranks, K candidates, |λ| hyperparameter elements):
+one copy of the rank's shard (|θ|/N, for the exact restore), the sharded gradient of the
+validation backward (|θ|/N), one parameter's noise at a time (its shard plus int64 temporaries
+of the same element count), K·|λ| for the candidates' gradients into λ, one loss graph at a time,
+and the parameters FSDP gathers for the block that is running. Communication beyond FSDP's own
+all-gathers and reduce-scatter: one broadcast of K seeds, all-reduces of the K losses, of the K
+dot products d_k, of the validation loss and of λ's gradient (|λ| numbers): nothing of θ's size.
+
+Why a saved copy and not θ ← (θ + ε) − ε: floating-point addition rounds, so (θ + ε) − ε differs
+from θ in the last bits wherever θ and ε differ in exponent (e.g. θ = 1e-5, ε = 1e-3 in float32
+loses about 7 of θ's 24 bits); K candidates and the merge would make θ drift every meta step.
+
+FSDP2 keeps the root module's parameters gathered after a forward (it expects a backward next);
+a forward without a backward would then leave them gathered, and the next forward would run on
+the gathered values, not on the shard just perturbed. Every forward here is followed by
+``reshard``.
+
+The finite-difference and SAMA estimators (``common.estimators``, ``common.implicit``) use the same
+pattern for their steps θ ± εv: v is sharded like θ, the shard is perturbed in place and restored
+from the saved copy. The estimators that backpropagate through a backward pass (second_order,
+unrolled, multistep, cg, neumann) are refused (``check_fsdp_estimator``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from common.distributed import is_distributed, mean_over_ranks, sum_over_ranks
+from common.evograd import (NOISE_KINDS, EvoGradOutput, _noise_dots, _prepare, candidate_weights,
+                            check_finite_losses, scalar_loss)
+from common.implicit import _accumulate, _check_number, optimizer_preconditioner
+from common.precision import full_precision
+
+LocalLossFn = Callable[[], Tensor]
+
+# splitmix64 (Steele, Lea, Flood 2014): state_i = key + (i + 1)·γ, output = mix(state_i), mod 2^64
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``value``."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64's output function on int64 tensors (wrap-around multiplication = mod 2^64)."""
+    z = (z ^ _shift_right(z, 30)) * _as_int64(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _as_int64(_MIX2)
+    return z ^ _shift_right(z, 31)
+
+
+def _mix_int(z: int) -> int:
+    """``_mix`` on one unsigned Python integer (for keys)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def tensor_key(seed: int, name: str) -> int:
+    """64-bit key of (seed, parameter name): mix(seed ⊕ mix(blake2b_64(name)))."""
+    name_hash = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return _mix_int(int(seed) ^ _mix_int(name_hash))
+
+
+def hashed_bits(key: int, offset: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """splitmix64 outputs of the stream ``key`` at indices offset..offset+numel−1, int64 [numel].
+
+    Element i is mix(key + (i + 1)·γ mod 2^64), a function of (key, i) alone.
+    """
+    index = torch.arange(offset + 1, offset + numel + 1, dtype=torch.int64, device=device)
+    return _mix(index * _as_int64(_GAMMA) + _as_int64(key))
+
+
+def element_noise(seed: int, name: str, offset: int, numel: int, kind: str,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Unit noise of elements offset..offset+numel−1 (flat, row-major) of parameter ``name``, shape [numel].
+
+    ``kind="sign"``: s_i = +1 where the top bit of the hash is 0, −1 where it is 1 (the law of
+    sign(N(0, 1))). ``kind="gaussian"``: Box–Muller, s_i = √(−2 ln u_i) cos(2π v_i) with u_i, v_i
+    uniform on (0, 1] from the top 53 bits of two independent streams of (seed, name), computed
+    in float64.
+
+    Raises:
+        ValueError: on an unknown kind or a negative offset or count.
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
+    if offset < 0 or numel < 0:
+        raise ValueError(f"offset and numel must be >= 0, got {offset} and {numel}")
+    key = tensor_key(seed, name)
+    bits = hashed_bits(key, offset, numel, device)
+    if kind == "sign":
+        return torch.where(bits < 0, -1.0, 1.0).to(dtype)
+
+    def uniform(z: Tensor) -> Tensor:  # (0, 1], 53 bits
+        return (_shift_right(z, 11) + 1).to(torch.float64) * 2.0 ** -53
+
+    other = hashed_bits(_mix_int(key ^ _GAMMA), offset, numel, device)
+    return ((-2 * uniform(bits).log()).sqrt() * torch.cos(2 * math.pi * uniform(other))).to(dtype)
+
+
+class IndexedNoise:
+    """ε_k with element i of parameter p a function of (seed_k, p's name, i) only.
+
+    Same interface as ``common.evograd.CandidateNoise`` (``seeds``, ``sigma``, ``kind``, ``len``,
+    ``sample(k, like)``). ``names[j]`` and ``offsets[j]`` describe the j-th tensor of ``like``: the
+    parameter it belongs to and the flat index of its first element in the unsharded parameter
+    (0 for a whole parameter; a shard's offset from ``local_shard``), so a shard gets exactly its
+    slice of the unsharded noise.
+    """
+
+    def __init__(self, seeds: Sequence[int], sigma: float, kind: str, names: Sequence[str],
+                 offsets: Sequence[int] | None = None) -> None:
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
+        self.seeds = [int(s) for s in seeds]
+        self.sigma = float(sigma)
+        self.kind = kind
+        self.names = list(names)
+        self.offsets = [0] * len(self.names) if offsets is None else [int(o) for o in offsets]
+        if len(self.offsets) != len(self.names):
+            raise ValueError(f"{len(self.names)} names but {len(self.offsets)} offsets")
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def sample(self, k: int, like: Iterable[Tensor]) -> list[Tensor]:
+        """ε_k for every tensor in ``like`` (shapes, dtypes and devices of ``like``; order of ``names``)."""
+        like = list(like)
+        if len(like) != len(self.names):
+            raise ValueError(f"noise for {len(self.names)} tensors asked for {len(like)}")
+        return [element_noise(self.seeds[k], name, offset, ref.numel(), self.kind, ref.dtype, ref.device)
+                .mul_(self.sigma).view(ref.shape)
+                for ref, name, offset in zip(like, self.names, self.offsets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding
+# ---------------------------------------------------------------------------------------------
+
+def shard_model(module: nn.Module, blocks: Sequence[nn.Module], mesh=None,
+                ignored_params: Iterable[nn.Parameter] = ()) -> nn.Module:
+    """``fully_shard`` every block of ``blocks``, then the root ``module``; returns ``module``.
+
+    Each block's parameters are gathered only while the block runs; the root holds the rest.
+    ``mesh`` defaults to a 1-D mesh over all ranks (``init_device_mesh("cpu", (N,))`` under gloo,
+    ``"cuda"`` under nccl). ``ignored_params`` stay whole and replicated (e.g. hyperparameters λ
+    that live inside the network); the caller keeps them identical across ranks.
+
+    Raises:
+        ValueError: without a process group, or if a block is the root or not a submodule of it.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("shard_model needs an initialised torch.distributed process group")
+    inside = {id(m) for m in module.modules()}
+    for block in blocks:
+        if block is module or id(block) not in inside:
+            raise ValueError(f"every block must be a proper submodule of the model, got {type(block).__name__}")
+    if mesh is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    ignored = set(ignored_params)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=ignored or None)
+    fully_shard(module, mesh=mesh, ignored_params=ignored or None)
+    return module
+
+
+def local_shard(param: Tensor) -> tuple[Tensor, int]:
+    """(this rank's part of ``param``, flat index of its first element in the whole parameter).
+
+    A plain tensor is its own part (offset 0). A DTensor must live on a 1-D mesh and be
+    ``Replicate`` (offset 0) or ``Shard(0)``, FSDP2's default: rank r of N holds rows
+    [min(r·c, d0), min((r+1)·c, d0)) with c = ⌈d0/N⌉ (``torch.chunk``'s split, so the last ranks
+    may hold fewer rows, or none; FSDP's padding is not part of the local tensor).
+
+    Raises:
+        ValueError: for another placement or mesh, or a local shape that does not match the split.
+    """
+    if not isinstance(param, DTensor):
+        return param.detach(), 0
+    placements = tuple(param.placements)
+    if param.device_mesh.ndim != 1 or len(placements) != 1:
+        raise ValueError(f"only 1-D meshes are supported, got placements {placements}")
+    with torch.no_grad():
+        local = param.to_local()
+    if isinstance(placements[0], Replicate):
+        return local, 0
+    if not (isinstance(placements[0], Shard) and placements[0].dim == 0) or param.dim() == 0:
+        raise ValueError(f"only dim-0 sharding (FSDP2's default) is supported, got {placements[0]}")
+    rows, world = param.shape[0], param.device_mesh.size()
+    coordinate = param.device_mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError("this rank is not part of the parameter's device mesh")
+    chunk = -(-rows // world)
+    first, last = min(coordinate[0] * chunk, rows), min((coordinate[0] + 1) * chunk, rows)
+    if tuple(local.shape) != (last - first, *param.shape[1:]):
+        raise ValueError(f"local shard of shape {tuple(local.shape)} does not match rows [{first}, {last}) "
+                         f"of {tuple(param.shape)}")
+    return local, first * math.prod(param.shape[1:])
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every gathered parameter of every FSDP2 module (the root keeps its own after a forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _check_hyperparams(hyperparams: Sequence[Tensor]) -> list[Tensor]:
+    hyperparams = list(hyperparams)
+    if not hyperparams or not all(isinstance(h, Tensor) and h.requires_grad and h.is_leaf for h in hyperparams):
+        raise ValueError("hyperparams must be a non-empty list of leaf tensors with requires_grad=True")
+    return hyperparams
+
+
+def base_params(model: nn.Module, hyperparams: Sequence[Tensor]) -> dict[str, Tensor]:
+    """θ: the model's parameters that require grad and are not hyperparameters, by name.
+
+    Under a process group every one of them must be a DTensor (sharded by ``fully_shard``): a
+    replicated plain parameter would get a rank-local gradient from the backward pass.
+
+    Raises:
+        ValueError: if none is left, or (process group) one is not a DTensor.
+    """
+    _reshard(model)
+    hyper_ids = {id(h) for h in hyperparams}
+    theta = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in hyper_ids}
+    if not theta:
+        raise ValueError("the model has no parameter that requires grad besides the hyperparameters")
+    if is_distributed():
+        plain = [n for n, p in theta.items() if not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(f"parameter {plain[0]!r} is not sharded by fully_shard; shard the model with "
+                             "shard_model, or pass it among the hyperparameters")
+    return theta
+
+
+def _locals(theta: dict[str, Tensor]) -> list[Tensor]:
+    """This rank's shards of θ (views of FSDP's storage: writing them changes the model)."""
+    return [local_shard(p)[0] for p in theta.values()]
+
+
+@contextlib.contextmanager
+def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """Yields a copy of θ's shards; on exit θ is restored bit for bit, and so are the ``.grad`` of θ and λ.
+
+    Inside, ``.grad`` of θ and λ starts as None, so each backward's gradients can be read alone.
+    """
+    saved = [t.clone() for t in _locals(theta)]
+    grads = [(t, t.grad) for t in [*theta.values(), *hyperparams]]
+    for t, _ in grads:
+        t.grad = None
+    try:
+        yield saved
+    finally:
+        _reshard(model)
+        _restore(theta, saved)
+        for t, grad in grads:
+            t.grad = grad
+
+
+def _restore(theta: dict[str, Tensor], saved: Sequence[Tensor]) -> None:
+    with torch.no_grad():
+        for local, copy in zip(_locals(theta), saved):
+            local.copy_(copy)
+
+
+def _shift(theta: dict[str, Tensor], steps: Sequence[Tensor]) -> None:
+    """θ_shard += step, in place (one step per tensor, shaped like the shard)."""
+    with torch.no_grad():
+        for local, step in zip(_locals(theta), steps):
+            local.add_(step)
+
+
+@contextlib.contextmanager
+def _frozen(theta: dict[str, Tensor]) -> Iterator[None]:
+    """θ does not require grad inside: forward passes build a graph into λ only, and FSDP reduces nothing."""
+    for p in theta.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in theta.values():
+            p.requires_grad_(True)
+
+
+def _grads_into(loss: Tensor, hyperparams: Sequence[Tensor]) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, list(hyperparams), allow_unused=True)
+    return [torch.zeros_like(h) if g is None else g for g, h in zip(grads, hyperparams)]
+
+
+def _backward(model: nn.Module, loss: Tensor, theta: dict[str, Tensor],
+              hyperparams: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """(∇_θ L shards, rank-local ∂l_r/∂λ) from one ordinary backward; clears the ``.grad`` it wrote.
+
+    FSDP's reduce-scatter averages θ's gradient over ranks: ∇_θ (1/N) Σ_r l_r. λ's gradient is this
+    rank's own; the callers average their combination of them once.
+    """
+    with full_precision():
+        loss.backward()
+    _reshard(model)
+    theta_grads = [torch.zeros_like(local) if p.grad is None else local_shard(p.grad)[0]
+                   for p, local in zip(theta.values(), _locals(theta))]
+    hyper_grads = [torch.zeros_like(h) if h.grad is None else h.grad for h in hyperparams]
+    for t in [*theta.values(), *hyperparams]:
+        t.grad = None
+    return theta_grads, hyper_grads
+
+
+def _mean_over_ranks_flat(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """(1/N) Σ_r t_r for every tensor, in one flat all-reduce."""
+    flat = mean_over_ranks(torch.cat([t.detach().reshape(-1) for t in tensors]))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _dot_over_ranks(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """⟨a, b⟩ of two sharded vectors: local float64 dot products summed over ranks."""
+    return sum_over_ranks(sum((x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(a, b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# estimators
+# ---------------------------------------------------------------------------------------------
+
+def sharded_evograd_hypergrad(
+    model: nn.Module,
+    hyperparams: Sequence[Tensor],
+    train_loss_fn: LocalLossFn,
+    val_loss_fn: LocalLossFn,
+    n_candidates: int = 2,
+    sigma: float = 1e-3,
+    temperature: float = 0.05,
+    noise: str = "sign",
+    generator: torch.Generator | None = None,
+    candidates_in_float32: bool = True,
+) -> EvoGradOutput:
+    """EvoGrad hypergradient of a sharded model; accumulates (1/N) Σ_r into every λ's ``.grad``.
+
+    The update (module docstring): ℓ_k = L_train(θ + ε_k), w = softmax(−ℓ/τ),
+    θ* = θ + Σ_k w_k ε_k, and dL_val(θ*)/dλ through w(λ) plus any direct ∂L_val/∂λ. Computed as
+    ``evograd_hypergrad_low_memory``: one candidate graph at a time (into λ only: θ is frozen
+    during the candidate passes), ∂ℓ_k/∂λ kept (K·|λ|), then combined with the softmax Jacobian
+    and d_k = ⟨ε_k, ∇_θ L_val(θ*)⟩. θ is left bit-identical, and so are the ``.grad`` of θ.
+
+    Args:
+        model: the sharded model (``shard_model``); under no process group, any module.
+        hyperparams: λ, leaf tensors with ``requires_grad=True``, replicated; model parameters
+            among them (left out of sharding) are not perturbed.
+        train_loss_fn: () -> this rank's training loss l_r (a scalar), running ``model``'s forward.
+        val_loss_fn: () -> this rank's validation loss. It may read λ; it should read no other
+            leaf that requires grad besides θ (its ``.grad`` would receive ∂L_val).
+        n_candidates, sigma, temperature, noise, generator, candidates_in_float32: as in
+            ``common.evograd.evograd_meta_loss``; the noise is index-addressed (``IndexedNoise``).
+
+    Returns:
+        ``EvoGradOutput`` with the all-rank mean validation loss at θ*, candidate losses and weights.
+
+    Raises:
+        ValueError: as ``evograd_hypergrad_low_memory``, for an unsupported placement
+            (``local_shard``), or a model parameter left unsharded under a process group.
+    """
+    hyperparams = _check_hyperparams(hyperparams)
+    theta = base_params(model, hyperparams)
+    shards = [local_shard(p) for p in theta.values()]
+    base, noise_spec = _prepare({n: s for n, (s, _) in zip(theta, shards)}, n_candidates, sigma, temperature,
+                                noise, generator, noise_addressing="index", offsets=[o for _, o in shards])
+    del base, shards
+    with _meta_step(model, theta, hyperparams) as saved:
+        local_losses, loss_grads = [], []  # loss_grads[k][i] = ∂l_{r,k}/∂λ_i, this rank's
+        with _frozen(theta):
+            for k in range(n_candidates):
+                _shift(theta, noise_spec.sample(k, saved))
+                with full_precision(candidates_in_float32):
+                    loss = scalar_loss(train_loss_fn(), f"train_loss_fn (candidate {k})")
+                with full_precision():
+                    loss_grads.append(_grads_into(loss, hyperparams))
+                local_losses.append(loss.detach())
+                del loss
+                _reshard(model)
+                _restore(theta, saved)
+        losses = mean_over_ranks(torch.stack(local_losses))  # ℓ_k, one all-reduce of K
+        weights = candidate_weights(losses, temperature)
+
+        with torch.no_grad():  # θ* = θ + Σ_k w_k ε_k, in _MergeCandidates' order of operations
+            for k in range(n_candidates):
+                _shift(theta, [e.mul_(weights[k].to(e.dtype)) for e in noise_spec.sample(k, saved)])
+        val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
+        grad_merged, direct = _backward(model, val_loss, theta, hyperparams)
+        # d_k = ⟨∇_θ* L_val, ε_k⟩ summed over ranks (K numbers, not |θ|); the mean validation loss
+        dots = _noise_dots(grad_merged, noise_spec, saved).to(weights.dtype)
+        val_mean = mean_over_ranks(val_loss.detach())
+        check_finite_losses(torch.cat([losses, val_mean.reshape(1)]),
+                            [f"train_loss_fn (candidate {k})" for k in range(n_candidates)] + ["val_loss_fn"])
+        dl_dloss = -(weights / temperature) * (dots - (weights * dots).sum())
+        local_total = [sum(dl_dloss[k] * loss_grads[k][i] for k in range(n_candidates)) + direct[i]
+                       for i in range(len(hyperparams))]
+        total = _mean_over_ranks_flat(local_total)
+    _accumulate(hyperparams, total)
+    return EvoGradOutput(val_mean, losses, weights)
+
+
+def _check_fd_epsilon(fd_epsilon: float) -> None:
+    _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
+
+
+def _central_difference(model: nn.Module, theta: dict[str, Tensor], saved: Sequence[Tensor],
+                        direction: Sequence[Tensor], hyperparams: Sequence[Tensor], train_loss_fn: LocalLossFn,
+                        fd_epsilon: float, in_float32: bool) -> tuple[list[Tensor], Tensor]:
+    """([∇_λ l_r(θ + εu) − ∇_λ l_r(θ − εu)] / (2ε), the two local losses) with ε = fd_epsilon/‖u‖
+    (u sharded like θ); θ is perturbed in place and restored from ``saved`` after each side."""
+    norm = torch.sqrt(_dot_over_ranks(direction, direction))
+    eps = fd_epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)  # u = 0: both sides are θ, difference 0
+    sides, losses = [], []
+    with _frozen(theta):
+        for sign in (1.0, -1.0):
+            _shift(theta, [(sign * eps * u).to(t.dtype) for t, u in zip(saved, direction)])
+            with full_precision(in_float32):
+                loss = scalar_loss(train_loss_fn(), "train_loss_fn (finite difference)")
+                sides.append(_grads_into(loss, hyperparams))
+            losses.append(loss.detach())
+            del loss
+            _reshard(model)
+            _restore(theta, saved)
+    difference = [((gp - gm) / (2 * eps)) for gp, gm in zip(*sides)]
+    return difference, torch.stack(losses)
+
+
+def sharded_finite_difference_hypergrad(
+    model: nn.Module,
+    hyperparams: Sequence[Tensor],
+    train_loss_fn: LocalLossFn,
+    val_loss_fn: LocalLossFn,
+    inner_lr: float,
+    fd_epsilon: float = 0.01,
+) -> Tensor:
+    """``common.estimators.finite_difference_hypergrad`` on a sharded model; accumulates into ``.grad``.
+
+        θ' = θ − η ∇_θ L_train(θ, λ),   v = ∇_θ' L_val(θ'),   ε = fd_epsilon / ‖v‖,
+        dL_val(θ')/dλ ≈ ∂L_val/∂λ − η [∇_λ L_train(θ + εv) − ∇_λ L_train(θ − εv)] / (2ε)
+
+    θ' and θ ± εv are made in place on each shard and undone from a saved copy of the shard; v is
+    sharded like θ; ‖v‖ is one all-reduce of a scalar. Memory per rank: 3 shard-sized tensors
+    (saved θ, v, the backward's gradient) plus FSDP's gathered block. Returns the all-rank mean
+    L_val(θ') (detached); θ and its ``.grad`` are left bit-identical.
+
+    Raises:
+        ValueError: on η ≤ 0, fd_epsilon ≤ 0, bad hyperparams, a non-scalar or non-finite loss.
+    """
+    _check_number("inner_lr", inner_lr, strictly_positive=True)
+    _check_fd_epsilon(fd_epsilon)
+    hyperparams = _check_hyperparams(hyperparams)
+    theta = base_params(model, hyperparams)
+    with _meta_step(model, theta, hyperparams) as saved:
+        train_loss = scalar_loss(train_loss_fn(), "train_loss_fn")
+        train_grads, _ = _backward(model, train_loss, theta, hyperparams)
+        _shift(theta, [-(inner_lr * g) for g in train_grads])  # θ' = θ − ηg, as t − η·g unsharded
+        del train_grads
+        val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
+        v, direct = _backward(model, val_loss, theta, hyperparams)
+        _restore(theta, saved)
+        difference, side_losses = _central_difference(model, theta, saved, v, hyperparams, train_loss_fn,
+                                                         fd_epsilon, in_float32=False)
+        losses = mean_over_ranks(torch.cat([train_loss.detach().reshape(1), val_loss.detach().reshape(1),
+                                            side_losses]))
+        check_finite_losses(losses, ["train_loss_fn", "val_loss_fn", "train_loss_fn (finite difference, +)",
+                                     "train_loss_fn (finite difference, −)"])
+        total = _mean_over_ranks_flat([d - inner_lr * m.to(d.dtype) for d, m in zip(direct, difference)])
+    _accumulate(hyperparams, total)
+    return losses[1]
+
+
+def sharded_sama_hypergrad(
+    model: nn.Module,
+    hyperparams: Sequence[Tensor],
+    train_loss_fn: LocalLossFn,
+    val_loss_fn: LocalLossFn,
+    inner_lr: float | None = None,
+    base_optimizer: torch.optim.Optimizer | None = None,
+    fd_epsilon: float = 0.01,
+    differences_in_float32: bool = True,
+) -> Tensor:
+    """``common.implicit.sama_hypergrad`` on a sharded model; accumulates into ``.grad``.
+
+        v = ∇_θ L_val(θ, λ),   P = ∂u/∂g of the base optimiser's update (η·I for plain SGD),
+        dL_val/dλ ≈ ∂L_val/∂λ − [∇_λ L_train(θ + εPv) − ∇_λ L_train(θ − εPv)] / (2ε),
+        ε = fd_epsilon / ‖Pv‖
+
+    P is elementwise, so each rank computes its shard of Pv from its shard of v (and, for Adam, of
+    the optimiser's moments and of ∇_θ L_train, one more sharded backward). θ ± εPv are made in
+    place and undone from a saved copy of the shard. Memory per rank: 4 shard-sized tensors (saved
+    θ, v, P, Pv) plus FSDP's gathered block. Returns the all-rank mean L_val(θ) (detached); θ and
+    its ``.grad`` are left bit-identical.
+
+    Raises:
+        ValueError: as ``sama_hypergrad`` (see ``optimizer_preconditioner``), or bad hyperparams.
+    """
+    _check_fd_epsilon(fd_epsilon)
+    hyperparams = _check_hyperparams(hyperparams)
+    theta = base_params(model, hyperparams)
+    losses, whats = [], []
+    with _meta_step(model, theta, hyperparams) as saved:
+        train_grads = None
+        if base_optimizer is not None and not isinstance(base_optimizer, torch.optim.SGD):
+            loss = scalar_loss(train_loss_fn(), "train_loss_fn")
+            losses.append(loss.detach())
+            whats.append("train_loss_fn")
+            with full_precision():
+                loss.backward()
+            _reshard(model)
+            train_grads = [p.grad for p in theta.values()]  # DTensors, like the optimiser's moments
+            for t in [*theta.values(), *hyperparams]:
+                t.grad = None
+            del loss
+        precondition = [local_shard(p)[0] for p in optimizer_preconditioner(base_optimizer, theta, inner_lr,
+                                                                             train_grads)]
+        del train_grads
+        val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
+        v, direct = _backward(model, val_loss, theta, hyperparams)
+        losses.append(val_loss.detach())
+        whats.append("val_loss_fn")
+        pv = [p * g for p, g in zip(precondition, v)]
+        del precondition, v
+        difference, side_losses = _central_difference(model, theta, saved, pv, hyperparams, train_loss_fn,
+                                                         fd_epsilon, in_float32=differences_in_float32)
+        losses = mean_over_ranks(torch.cat([torch.stack(losses), side_losses]))
+        check_finite_losses(losses, whats + ["train_loss_fn (finite difference, +)",
+                                             "train_loss_fn (finite difference, −)"])
+        total = _mean_over_ranks_flat([d - m.to(d.dtype) for d, m in zip(direct, difference)])
+    _accumulate(hyperparams, total)
+    return losses[whats.index("val_loss_fn")]
+
+
+# ---------------------------------------------------------------------------------------------
+# which estimators run on a sharded model
+# ---------------------------------------------------------------------------------------------
+
+FSDP_ESTIMATORS: dict[str, Callable[..., object]] = {
+    "evograd": sharded_evograd_hypergrad,
+    "evograd_low_memory": sharded_evograd_hypergrad,  # the sharded EvoGrad keeps one graph at a time anyway
+    "finite_difference": sharded_finite_difference_hypergrad,
+    "sama": sharded_sama_hypergrad,
+}
+
+_DOUBLE_BACKWARD = ("backpropagates through ∇_θ L_train (double backward through the network), which FSDP2 "
+                    "does not support: it reduce-scatters and frees the gathered parameters during the first "
+                    "backward")
+_REFUSED = {
+    "evograd_batched": "stacks K whole copies of θ for torch.func.vmap, the memory sharding exists to save, and "
+                       "vmap cannot run FSDP2's hooks",
+    "second_order": _DOUBLE_BACKWARD,
+    "second_order_func": _DOUBLE_BACKWARD,
+    "unrolled": _DOUBLE_BACKWARD,
+    "multistep": _DOUBLE_BACKWARD,
+    "cg": "needs Hessian-vector products (double backward through the network), which FSDP2 does not support",
+    "neumann": "needs Hessian-vector products (double backward through the network), which FSDP2 does not support",
+}
+
+
+def check_fsdp_estimator(name: str) -> Callable[..., object]:
+    """The sharded version of estimator ``name``; ``ValueError`` (one line, with the reason) if it has none.
+
+    Runs sharded: evograd (and evograd_low_memory, the same computation), finite_difference, sama.
+    """
+    if name in FSDP_ESTIMATORS:
+        return FSDP_ESTIMATORS[name]
+    if name in _REFUSED:
+        raise ValueError(f"{name} cannot run on an FSDP-sharded model: it {_REFUSED[name]}; "
+                         f"use one of {sorted(FSDP_ESTIMATORS)}")
+    raise ValueError(f"unknown hypergradient method {name!r}; on an FSDP-sharded model choose from "
+                     f"{sorted(FSDP_ESTIMATORS)}")

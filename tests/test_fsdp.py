@@ -1,0 +1,283 @@
+"""Hypergradients of an FSDP2-sharded model (common.fsdp) against one unsharded process.
+
+The 2-rank checks run in one ``torch.multiprocessing.spawn`` of 2 CPU (gloo) processes: each
+computes the unsharded whole-batch references first (no process group yet), then joins the group,
+shards the model over the 2 ranks (dim-0 splits of 5 and 3 rows are uneven: 3 + 2 and 2 + 1),
+takes its half of every batch and must reproduce them, in float64.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from common.estimators import finite_difference_hypergrad
+from common.evograd import evograd_hypergrad_low_memory, functional_forward
+from common.fsdp import (FSDP_ESTIMATORS, IndexedNoise, check_fsdp_estimator, element_noise, hashed_bits,
+                         local_shard, shard_model, sharded_evograd_hypergrad, sharded_finite_difference_hypergrad,
+                         sharded_sama_hypergrad, tensor_key)
+from common.hypergrad import ESTIMATORS
+from common.implicit import sama_hypergrad
+from test_distributed import free_port
+
+WORLD = 2
+BATCH = 8
+SEED = 7
+EVOGRAD = dict(n_candidates=3, sigma=1e-2, temperature=0.05)
+INNER = dict(inner_lr=0.3, fd_epsilon=1e-3)
+
+
+class Scale(nn.Module):
+    """h ↦ h·(1 + s): a learnable per-feature scale (λ inside the network in the "inside" case)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(-0.3, 0.4, width))
+
+    def forward(self, h):
+        return h * (1 + self.s)
+
+
+class Net(nn.Module):
+    """Linear(4→5)-scale-tanh-Linear(5→3)-tanh-Linear(3→3); the first two layers are sharded blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Linear(4, 5)
+        self.scale = Scale(5)
+        self.block2 = nn.Linear(5, 3)
+        self.head = nn.Linear(3, 3)  # held by the root, which FSDP2 keeps gathered after a forward
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block2(torch.tanh(self.scale(self.block1(x))))))
+
+
+def data(rank: int | None):
+    """(x, y, x_val, y_val): the whole batch, or rank ``rank``'s half."""
+    g = torch.Generator().manual_seed(1)
+    x, xv = (torch.randn(BATCH, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    y, yv = (torch.randint(0, 3, (BATCH,), generator=g) for _ in range(2))
+    if rank is not None:
+        part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        x, y, xv, yv = x[part], y[part], xv[part], yv[part]
+    return x, y, xv, yv
+
+
+def build(kind: str):
+    """(model, λ): λ weights the per-example losses ("loss") or is the network's scale ("inside")."""
+    torch.manual_seed(0)
+    model = Net().double()
+    lam = model.scale.s if kind == "inside" else torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64,
+                                                              requires_grad=True)
+    return model, lam
+
+
+def losses_of(kind: str, lam, forward, rank: int | None):
+    """(train, val) loss callables over ``forward`` (a plain forward, or one through a parameter dict)."""
+    x, y, xv, yv = data(rank)
+
+    def train(*params):
+        per_example = F.cross_entropy(forward(x, *params), y, reduction="none")
+        return (F.softplus(lam)[y] * per_example).mean() if kind == "loss" else per_example.mean()
+
+    def val(*params):
+        return F.cross_entropy(forward(xv, *params), yv)
+
+    return train, val
+
+
+def reference(kind: str, method: str, rank: int | None = None) -> tuple[torch.Tensor, float]:
+    """λ's hypergradient and the validation loss of the unsharded estimator (``common.evograd`` etc.)."""
+    model, lam = build(kind)
+    params = {n: p.detach() for n, p in model.named_parameters() if p is not lam}
+    train, val = losses_of(kind, lam, lambda x, p: functional_forward(model, p, x), rank)
+    if method == "evograd":
+        value = evograd_hypergrad_low_memory(params, [lam], train, val, generator=torch.Generator().manual_seed(SEED),
+                                             noise_addressing="index", **EVOGRAD).val_loss
+    elif method == "finite_difference":
+        value = finite_difference_hypergrad(params, [lam], train, val, **INNER)
+    else:
+        value = sama_hypergrad(params, [lam], train, val, **INNER)
+    return lam.grad.detach().clone(), value.item()
+
+
+SHARDED = {"evograd": lambda model, lam, train, val: sharded_evograd_hypergrad(
+               model, [lam], train, val, generator=torch.Generator().manual_seed(SEED), **EVOGRAD).val_loss,
+           "finite_difference": lambda model, lam, train, val: sharded_finite_difference_hypergrad(
+               model, [lam], train, val, **INNER),
+           "sama": lambda model, lam, train, val: sharded_sama_hypergrad(model, [lam], train, val, **INNER)}
+CASES = [(kind, method) for kind in ("loss", "inside") for method in SHARDED]
+
+
+def sharded(kind: str, method: str, rank: int | None) -> tuple[torch.Tensor, float, nn.Module, list[torch.Tensor]]:
+    """The sharded estimator's λ gradient and validation loss, the model, and θ's shards before the step."""
+    model, lam = build(kind)
+    if rank is not None:
+        shard_model(model, [model.block1, model.block2], ignored_params=[lam] if kind == "inside" else [])
+    before = [local_shard(p)[0].clone() for p in model.parameters() if p is not lam]
+    train, val = losses_of(kind, lam, lambda x: model(x), rank)
+    value = SHARDED[method](model, lam, train, val)
+    return lam.grad.detach().clone(), value.item(), model, before
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return (got - ref).abs().max().item() / ref.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# one process
+# ---------------------------------------------------------------------------------------------
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """The published splitmix64 step on Python integers: (new state, output)."""
+    mask = (1 << 64) - 1
+    state = (state + 0x9E3779B97F4A7C15) & mask
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return state, z ^ (z >> 31)
+
+
+def test_hashed_bits_are_splitmix64_at_any_offset():
+    key, state, outputs = 0x123456789ABCDEF, 0x123456789ABCDEF, []
+    for _ in range(6):
+        state, out = splitmix64(state)
+        outputs.append(out - (1 << 64) if out >= 1 << 63 else out)
+    assert hashed_bits(key, 0, 6).tolist() == outputs
+    assert hashed_bits(key, 4, 2).tolist() == outputs[4:]
+    far = hashed_bits(key, 2**40 + 3, 1).item()
+    assert far == hashed_bits(key, 2**40, 4)[3].item() and far not in outputs
+
+
+def test_index_noise_has_the_law_of_its_kind_and_differs_by_seed_and_name():
+    signs = element_noise(1, "w", 0, 200_000, "sign", torch.float64)
+    assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(signs.mean().item()) < 0.01
+    gauss = element_noise(1, "w", 0, 200_000, "gaussian", torch.float64)
+    assert abs(gauss.mean().item()) < 0.01 and abs(gauss.var().item() - 1) < 0.02
+    assert abs(gauss.pow(4).mean().item() - 3) < 0.1  # Gaussian kurtosis, not a uniform's or a sign's
+    assert not torch.equal(signs, element_noise(2, "w", 0, 200_000, "sign", torch.float64))
+    assert not torch.equal(signs, element_noise(1, "v", 0, 200_000, "sign", torch.float64))
+    assert tensor_key(1, "w") != tensor_key(1, "v") != tensor_key(2, "v")
+
+
+def test_index_noise_bad_input_raises():
+    with pytest.raises(ValueError, match="noise must be one of"):
+        element_noise(1, "w", 0, 3, "uniform")
+    with pytest.raises(ValueError, match="offset and numel"):
+        element_noise(1, "w", -1, 3, "sign")
+    with pytest.raises(ValueError, match="names but"):
+        IndexedNoise([1, 2], 0.1, "sign", ["a", "b"], [0])
+    with pytest.raises(ValueError, match="noise_addressing"):
+        evograd_hypergrad_low_memory({"w": torch.zeros(2)}, [torch.zeros(1, requires_grad=True)],
+                                     lambda p: p["w"].sum(), lambda p: p["w"].sum(), noise_addressing="hashed")
+
+
+def test_unsharded_model_matches_low_memory_evograd_and_is_restored():
+    """Without a process group the sharded estimators run on a plain module: same numbers as the references."""
+    for kind, method in CASES:
+        ref_grad, ref_value = reference(kind, method)
+        grad, value, model, before = sharded(kind, method, rank=None)
+        assert relative_error(grad, ref_grad) < 1e-9 and abs(value - ref_value) < 1e-12, (kind, method)
+        theta = [p for n, p in model.named_parameters() if not (kind == "inside" and n == "scale.s")]
+        assert len(theta) == len(before) == 7 - (kind == "inside")
+        assert all(torch.equal(a.detach(), b) for a, b in zip(theta, before)), "θ changed by the meta step"
+        assert all(p.grad is None for p in theta), "θ's .grad must be left as it was"
+    # the stream noise gives another hypergradient: the index noise is what the match above pins
+    model, lam = build("loss")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    train, val = losses_of("loss", lam, lambda x, p: functional_forward(model, p, x), None)
+    evograd_hypergrad_low_memory(params, [lam], train, val, generator=torch.Generator().manual_seed(SEED), **EVOGRAD)
+    assert relative_error(lam.grad, reference("loss", "evograd")[0]) > 1e-3
+
+
+def test_other_estimators_are_refused_with_one_line():
+    refused = [name for name in ESTIMATORS if name not in FSDP_ESTIMATORS]
+    assert set(refused) == {"evograd_batched", "second_order", "second_order_func", "unrolled", "multistep",
+                            "cg", "neumann"}
+    for name in refused:
+        with pytest.raises(ValueError) as err:
+            check_fsdp_estimator(name)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{name} cannot run on an FSDP-sharded model: it ")
+        assert ("double backward" in message) != (name == "evograd_batched"), message
+    for name in FSDP_ESTIMATORS:
+        assert callable(check_fsdp_estimator(name))
+    with pytest.raises(ValueError, match="unknown hypergradient method 'adam'"):
+        check_fsdp_estimator("adam")
+
+
+def test_shard_model_without_process_group_raises():
+    with pytest.raises(ValueError, match="process group"):
+        shard_model(Net(), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# two ranks
+# ---------------------------------------------------------------------------------------------
+
+def worker(rank: int, port: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    references = {case: reference(*case) for case in CASES}
+    half_alone = {case: reference(*case, rank=rank)[0] for case in CASES}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        failures = []
+        for case in CASES:
+            grad, value, model, before = sharded(*case, rank)
+            ref_grad, ref_value = references[case]
+            error, alone_error = relative_error(grad, ref_grad), relative_error(half_alone[case], ref_grad)
+            both = [torch.zeros_like(grad) for _ in range(WORLD)]
+            dist.all_gather(both, grad)
+            theta = [p for p in model.parameters() if isinstance(p, DTensor)]
+            restored = len(theta) == len(before) == 7 - (case[0] == "inside") and all(
+                torch.equal(local_shard(p)[0], b) for p, b in zip(theta, before))
+            initial = [p for n, p in build(case[0])[0].named_parameters()
+                       if not (case[0] == "inside" and n == "scale.s")]
+            whole_unchanged = all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(theta, initial))
+            if not (error < 1e-6 and abs(value - ref_value) < 1e-9 and alone_error > 1e-3
+                    and torch.equal(both[0], both[1]) and restored and whole_unchanged):
+                failures.append(f"{case}: rel. error {error:.2e} (half batch alone {alone_error:.2e}), val loss "
+                                f"{value} vs {ref_value}, ranks equal {torch.equal(both[0], both[1])}, "
+                                f"shards restored {restored}, whole θ unchanged {whole_unchanged}")
+        assert not failures, f"rank {rank}:\n" + "\n".join(failures)
+        check_noise_of_uneven_shards(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_noise_of_uneven_shards(rank: int) -> None:
+    """Each rank's noise of its shard is its slice of the unsharded noise (rows 3 + 2 of 5, 2 + 1 of 3)."""
+    model, _ = build("loss")
+    shard_model(model, [model.block1, model.block2])
+    names = [n for n, _ in model.named_parameters()]
+    shards = [local_shard(p) for p in model.parameters()]
+    whole = [p.full_tensor() for p in model.parameters()]
+    rows = dict(zip(names, (s.shape[0] for s, _ in shards)))
+    assert rows["block1.weight"] == (3, 2)[rank] and rows["head.bias"] == (2, 1)[rank], rows
+    for kind in ("sign", "gaussian"):
+        local = IndexedNoise([11, 12], 0.5, kind, names, [o for _, o in shards]).sample(1, [s for s, _ in shards])
+        expected = IndexedNoise([11, 12], 0.5, kind, names).sample(1, whole)
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, local)
+        for j, name in enumerate(names):
+            joined = torch.cat([gathered[r][j] for r in range(WORLD)])
+            assert torch.equal(joined, expected[j]), f"{kind} noise of {name} split over ranks differs"
+        if rank == 1:  # the offsets matter: rank 1's shard read from offset 0 is other noise
+            at_zero = IndexedNoise([11, 12], 0.5, kind, names).sample(1, [s for s, _ in shards])
+            assert not torch.equal(at_zero[names.index("block1.weight")], local[names.index("block1.weight")])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_ranks_sharded_match_one_unsharded_process():
+    """A failing rank fails the test with its traceback; a rank left waiting stops at the group's 60 s timeout."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
