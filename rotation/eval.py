@@ -30,10 +30,12 @@ TABLE_METRICS = (("test_acc_rotated", "rotated test acc (%)"), ("test_acc_rotate
                  ("angle_deg", "learned angle (°)"))
 
 
-def load_runs(folder: str | Path, setting: str | None = None) -> list[dict]:
-    """Rotation results files under ``folder``, optionally of one setting."""
+def load_runs(folder: str | Path, setting: str | None = None,
+              skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
+    """Rotation results files under ``folder``, optionally of one setting; files that cannot be read
+    go to ``skipped`` as (path, why)."""
     try:
-        records = load_results(folder)
+        records = load_results(folder, skipped)
     except ValueError as err:
         raise CLIError(str(err)) from None
     return [r for r in records if r["experiment"] == EXPERIMENT and (setting is None or r.get("setting") == setting)]
@@ -97,10 +99,13 @@ def headline_figure(records: list[dict], stem: Path) -> list[Path]:
 
 def summarise(folder: str | Path, setting: str | None = None) -> str:
     """Print the table and write ``rotation_<setting>_angles.png/.pdf`` and ``rotation_<setting>_table.md``."""
-    runs = load_runs(folder, setting)
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(folder, setting, skipped)
     if not runs:
         raise CLIError(f"no rotation results{f' of setting {setting}' if setting else ''} in {folder}")
     table = summary_table(runs)
+    if skipped:   # a run that could not be read must not vanish from the table unnoticed
+        table += "\n\nSkipped files (not in the table):\n" + "\n".join(f"- `{path}`: {why}" for path, why in skipped)
     name = f"rotation_{setting}" if setting else "rotation"
     (Path(folder) / f"{name}_table.md").write_text(table + "\n")
     for path in plot_angles(runs, Path(folder) / f"{name}_angles"):

@@ -312,3 +312,13 @@ def test_headline_figure_is_written_from_two_records(tmp_path):
     paths = headline_figure([record("evograd", 1), record("second_order", 1)], tmp_path / "figures" / "headline")
     assert [p.name for p in paths] == ["headline.png", "headline.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_eval_table_lists_the_files_it_skipped(tmp_path):
+    from rotation.eval import summarise
+    committed = sorted((Path(__file__).parent.parent / "runs" / "quick" / "rotation").glob("*_evograd_seed1.json"))
+    (tmp_path / committed[0].name).write_text(committed[0].read_text())
+    (tmp_path / "broken.json").write_text('{"experiment": "rotation", "metr')
+    table = summarise(tmp_path)
+    assert "| evograd | 1 |" in table and "Skipped files" in table and "broken.json" in table
+    assert "broken.json" in (tmp_path / "rotation_table.md").read_text()
