@@ -267,6 +267,7 @@ def worker(rank: int, port: int) -> None:
                                 f"shards restored {restored}, whole θ unchanged {whole_unchanged}")
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_noise_of_uneven_shards(rank)
+        check_evograd_communication(rank)
     finally:
         dist.destroy_process_group()
 
@@ -291,6 +292,29 @@ def check_noise_of_uneven_shards(rank: int) -> None:
         if rank == 1:  # the offsets matter: rank 1's shard read from offset 0 is other noise
             at_zero = IndexedNoise([11, 12], 0.5, kind, names).sample(1, [s for s, _ in shards])
             assert not torch.equal(at_zero[names.index("block1.weight")], local[names.index("block1.weight")])
+
+
+def check_evograd_communication(rank: int) -> None:
+    """Besides FSDP's own gathers and reduce-scatters, EvoGrad sends K seeds, K losses, K dot products,
+    the validation loss and λ's gradient: nothing of θ's size."""
+    model, lam = build("inside")
+    shard_model(model, [model.block1, model.block2], ignored_params=[lam])
+    train, val = losses_of("inside", lam, lambda x: model(x), rank)
+    shapes, all_reduce, broadcast = [], dist.all_reduce, dist.broadcast
+
+    def counted(collective):
+        def run(tensor, *args, **kwargs):
+            shapes.append(tuple(tensor.shape))
+            return collective(tensor, *args, **kwargs)
+        return run
+
+    dist.all_reduce, dist.broadcast = counted(all_reduce), counted(broadcast)
+    try:
+        sharded_evograd_hypergrad(model, [lam], train, val, **EVOGRAD)
+    finally:
+        dist.all_reduce, dist.broadcast = all_reduce, broadcast
+    k = EVOGRAD["n_candidates"]
+    assert shapes == [(k,), (k,), (k,), (), tuple(lam.shape)], f"collectives of shapes {shapes}"
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
