@@ -31,7 +31,12 @@ Memory per rank (|θ| parameter elements, N ranks, K candidates, |λ| hyperparam
 one copy of the rank's shard (|θ|/N, for the exact restore), the sharded gradient of the
 validation backward (|θ|/N), one parameter's noise at a time (its shard plus int64 temporaries
 of the same element count), K·|λ| for the candidates' gradients into λ, one loss graph at a time,
-and the parameters FSDP gathers for the block that is running. Communication beyond FSDP's own
+the parameters FSDP gathers for the block that is running, and a copy of the model's buffers.
+
+BatchNorm: the passes run the module's own forward, so in training mode each normalises with its
+rank's batch statistics (as FSDP training does; the sharded hypergradient then legitimately
+differs from the whole-batch one, as under ``common.distributed``), and the running statistics
+are restored after the meta step, as ``functional_forward`` leaves them unchanged. Communication beyond FSDP's own
 all-gathers and reduce-scatter: one broadcast of K seeds, all-reduces of the K losses, of the K
 dot products d_k, of the validation loss and of λ's gradient (|λ| numbers): nothing of θ's size.
 
@@ -294,11 +299,15 @@ def _locals(theta: dict[str, Tensor]) -> list[Tensor]:
 
 @contextlib.contextmanager
 def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -> Iterator[list[Tensor]]:
-    """Yields a copy of θ's shards; on exit θ is restored bit for bit, and so are the ``.grad`` of θ and λ.
+    """Yields a copy of θ's shards; on exit θ, the ``.grad`` of θ and λ and the model's buffers are restored.
 
     Inside, ``.grad`` of θ and λ starts as None, so each backward's gradients can be read alone.
+    The buffers (BatchNorm's running statistics; small, and not sharded by FSDP) are copied too:
+    the passes here run the module's own forward, which in training mode would update them once
+    per pass, where ``functional_forward`` in the unsharded estimators leaves them unchanged.
     """
     saved = [t.clone() for t in _locals(theta)]
+    buffers = [(b, b.clone()) for b in model.buffers()]
     grads = [(t, t.grad) for t in [*theta.values(), *hyperparams]]
     for t, _ in grads:
         t.grad = None
@@ -307,6 +316,9 @@ def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence
     finally:
         _reshard(model)
         _restore(theta, saved)
+        with torch.no_grad():
+            for buffer, copy in buffers:
+                buffer.copy_(copy)
         for t, grad in grads:
             t.grad = grad
 
