@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -632,3 +633,41 @@ def check_fsdp_estimator(name: str) -> Callable[..., object]:
                          f"use one of {sorted(FSDP_ESTIMATORS)}")
     raise ValueError(f"unknown hypergradient method {name!r}; on an FSDP-sharded model choose from "
                      f"{sorted(FSDP_ESTIMATORS)}")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True if ``fully_shard`` was applied to ``module`` itself (e.g. by ``shard_model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def sharded_meta_backward(method: str, model: nn.Module, hyperparams: Sequence[Tensor], train_loss_fn: LocalLossFn,
+                          val_loss_fn: LocalLossFn, **options) -> float:
+    """``common.hypergrad.meta_backward`` for a sharded model: the estimator's hypergradient into λ's ``.grad``.
+
+    Options the estimator does not take are ignored (one dict of everything can be passed, as to
+    ``meta_backward``). Returns the all-rank mean validation loss as a float.
+
+    Raises:
+        ValueError: for a method with no sharded version (``check_fsdp_estimator``), or from the estimator.
+    """
+    estimator = check_fsdp_estimator(method)
+    accepted = inspect.signature(estimator).parameters
+    result = estimator(model, hyperparams, train_loss_fn, val_loss_fn,
+                       **{k: v for k, v in options.items() if k in accepted})
+    return float(result.val_loss if isinstance(result, EvoGradOutput) else result)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with whole tensors on CPU, on rank 0 (empty on the others).
+
+    Collective: every rank must call it. The model's is the unsharded model's ``state_dict()``;
+    the optimizer's is keyed by parameter name (``torch.distributed.checkpoint.state_dict``).
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))

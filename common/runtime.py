@@ -278,7 +278,8 @@ class DivergenceGuard:
                 raise self._error(f"{label} {number:.3g} is beyond the plausible bound ±{self.loss_limit:.0e}")
         named = [(kind, module, name, tensor) for module in self.modules
                  for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
-                 for name, tensor in tensors if tensor.is_floating_point() and tensor.numel()]
+                 for name, tensor in ((n, _local_part(t)) for n, t in tensors)
+                 if tensor.is_floating_point() and tensor.numel()]
         if not named:
             return
         device = named[0][3].device
@@ -292,6 +293,16 @@ class DivergenceGuard:
         if not bool(torch.isfinite(tensor).all()):
             raise self._error(f"non-finite {where}")
         raise self._error(f"{where} reached |value| {value:.3g}, beyond the plausible bound ±{self.parameter_limit:.0e}")
+
+
+def _local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (an FSDP2 shard, ``--fsdp``), else the tensor itself.
+
+    The guard runs on every rank (``common.distributed.on_every_rank``), so each checks its own part;
+    a DTensor's own ``amax`` would not give its local maximum.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:

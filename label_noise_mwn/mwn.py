@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from common.distributed import average_gradients
 from common.evograd import effective_inner_lr, functional_forward, perturbable_params
+from common.fsdp import is_sharded, sharded_meta_backward
 from common.hypergrad import ESTIMATORS, meta_backward
 from common.precision import backward, optimizer_step
 from label_noise_mwn.models import CifarResNet, VNet, normalize_over_batch, weighted_loss
@@ -92,10 +93,16 @@ def meta_step(method: str, model: nn.Module, vnet: VNet, vnet_optimizer: torch.o
         options: estimator options, e.g. ``inner_lr`` (the main lr now), ``n_candidates``,
             ``sigma``, ``temperature``, ``noise``, ``generator``.
     """
-    train_loss_fn, val_loss_fn = mwn_loss_fns(model, vnet, x, y, meta_x, meta_y)
     vnet_optimizer.zero_grad(set_to_none=True)
-    meta_loss = meta_backward(estimator_of(method), perturbable_params(model), list(vnet.parameters()),
-                              train_loss_fn, val_loss_fn, **options)
+    if is_sharded(model):  # --fsdp: the estimators run the model's own forward on its shards (common.fsdp)
+        meta_loss = sharded_meta_backward(
+            estimator_of(method), model, list(vnet.parameters()),
+            lambda: weighted_loss(vnet, F.cross_entropy(model(x), y, reduction="none")),
+            lambda: F.cross_entropy(model(meta_x), meta_y), **options)
+    else:
+        train_loss_fn, val_loss_fn = mwn_loss_fns(model, vnet, x, y, meta_x, meta_y)
+        meta_loss = meta_backward(estimator_of(method), perturbable_params(model), list(vnet.parameters()),
+                                  train_loss_fn, val_loss_fn, **options)
     if method in SCALED_METHODS:
         # E[EvoGrad] = one-step second-order hypergradient at η_eff = (K-1)σ²/(Kτ) (common.evograd):
         # 1e-5 at the paper's K, σ, τ, against MWN's η = 0.1; rescale to MWN's η before the step.
@@ -127,7 +134,8 @@ def actual_step(model: nn.Module, vnet: VNet | None, model_optimizer: torch.opti
         loss = (losses * weights).sum()
     model_optimizer.zero_grad(set_to_none=True)
     backward(loss)  # scaled under --amp fp16 (common.precision)
-    average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP)
+    if not is_sharded(model):  # FSDP2 has averaged its shards' gradients in the backward pass
+        average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP)
     optimizer_step(model_optimizer)
     return loss.item(), losses.detach().mean(), raw
 

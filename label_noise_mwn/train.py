@@ -14,7 +14,10 @@ noisy and of the meta batch (``--batch_size``/``--meta_batch_size`` stay global)
 weights by the whole batch's sum, averages the ResNet's gradients over ranks and gets the whole
 batch's VNet hypergradient from ``common.hypergrad``; BatchNorm keeps per-rank batch statistics
 (``--sync-bn``: SyncBatchNorm, CUDA only), rank 0's running statistics are broadcast every step;
-only rank 0 prints, writes results, figures and checkpoints.
+only rank 0 prints, writes results, figures and checkpoints. ``--fsdp`` shards the ResNet's
+parameters over the ranks instead of replicating them (FSDP2, ``common.fsdp``): each rank keeps its
+rows of every tensor, the meta step perturbs them in place, and the checkpoint is the whole model
+gathered on rank 0 (no ``--resume``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 
 from common.distributed import (barrier, broadcast_buffers, check_sync_bn, is_main_process, mean_over_ranks,
                                 on_every_rank, process_group, shard, sum_over_ranks, sync_batchnorm, world_size)
+from common.fsdp import check_fsdp_estimator, full_state_dicts, shard_model
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -38,8 +42,8 @@ from common.runtime import (CLIError, DefaultsHelpFormatter, DivergenceGuard, ad
                             in_range, non_negative, positive, prepare_out, progress, run_cli, seed_everything,
                             seeds_of, select_device)
 from label_noise_mwn.data import CORRUPTIONS, ImageData, augment, load_dataset, make_noisy_split, normalize_batch
-from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, init_models, lr_at, make_optimizers, method_choices,
-                                 train_iteration)
+from label_noise_mwn.mwn import (PAPER_METHODS, accuracy, estimator_of, init_models, lr_at, make_optimizers,
+                                 method_choices, train_iteration)
 
 EXPERIMENT = "label_noise_mwn"
 
@@ -110,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--sync-bn", "--sync_bn", dest="sync_bn", action="store_true",
                         help="torchrun: BatchNorm statistics over all ranks' shards (SyncBatchNorm, CUDA only)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="torchrun: shard the ResNet's parameters over the processes (FSDP2, one unit per residual "
+                             "block; common.fsdp); methods baseline, mwn_evograd(_scaled), evograd, finite_difference, "
+                             "sama; no --resume")
     return parser
 
 
@@ -173,10 +181,14 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     if args.sync_bn:
         model = sync_batchnorm(model, device)
     model, vnet = model.to(device), vnet.to(device)
+    if args.fsdp:  # before the optimiser is made: it holds the shards
+        shard_model(model, list(model.layers))
     model_opt, vnet_opt = make_optimizers(model, vnet, args.lr, args.momentum, not args.no_nesterov,
                                           args.weight_decay, args.vnet_lr, args.vnet_momentum,
                                           args.vnet_weight_decay)
     config = {k: v for k, v in vars(args).items() if k not in ("seeds", "seed", "methods", "resume", "overwrite", "out")}
+    if not args.fsdp:  # absent unless given, so checkpoints written before the flag existed still resume
+        del config["fsdp"]
     config.update(method=method, seed=seed, corruption_seed=corruption_seed, setting=setting, flip=flip)
     ckpt_path = Path(args.out) / "checkpoints" / results_path("", EXPERIMENT, setting, method, seed).with_suffix(".pt").name
     history = {"test_epoch": [], "test_acc": [], "train_loss": [], "meta_loss": [], "weight_clean": [],
@@ -262,9 +274,12 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         meter.times = []
         log(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
             f"train loss {history['train_loss'][-1]:.4f}" + (f" test acc {test_acc:.2f}" if test_acc is not None else ""))
+        # --fsdp: the whole model gathered on rank 0 (every rank takes part); its optimiser state keyed by name
+        model_state, model_opt_state = (full_state_dicts(model, model_opt) if args.fsdp
+                                        else (model.state_dict(), model_opt.state_dict()))
         if is_main_process():
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "vnet": vnet.state_dict(),
-                                    "model_opt": model_opt.state_dict(), "vnet_opt": vnet_opt.state_dict(),
+            save_checkpoint(ckpt_path, {"model": model_state, "vnet": vnet.state_dict(),
+                                    "model_opt": model_opt_state, "vnet_opt": vnet_opt.state_dict(),
                                     "generator": generator.get_state(), "data_gen": data_gen.get_state(),
                                     "torch_rng": torch.get_rng_state(), "history": history,
                                     "step_times": step_times, "epoch": epoch + 1,
@@ -326,6 +341,23 @@ def check_shardable(args: argparse.Namespace, n_train: int) -> None:
                            f"processes; choose another {flag}")
 
 
+def check_fsdp_args(args: argparse.Namespace) -> None:
+    """CLIError unless ``--fsdp`` can run: under torchrun, without --resume, with methods that have a sharded estimator."""
+    if not args.fsdp:
+        return
+    for method in args.methods:
+        if estimator_of(method) is not None:
+            try:
+                check_fsdp_estimator(estimator_of(method))
+            except ValueError as err:
+                raise CLIError(f"--fsdp: {method}: {err}") from None
+    if args.resume:
+        raise CLIError("--fsdp does not resume (its checkpoints hold the gathered model, not a sharded checkpoint); "
+                       "leave out --resume")
+    if world_size() < 2:
+        raise CLIError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or more")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -337,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_all(args: argparse.Namespace, device: torch.device) -> None:
     """Every (method, seed) run; under torchrun only rank 0 prints and writes."""
     check_sync_bn(args.sync_bn, device)
+    check_fsdp_args(args)
     if args.download and world_size() > 1:
         raise CLIError("--download under torchrun: download once in one process first, then leave out --download")
     out = prepare_out(args.out)

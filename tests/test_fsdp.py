@@ -299,6 +299,7 @@ def worker(rank: int, port: int) -> None:
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_noise_of_uneven_shards(rank)
         check_evograd_communication(rank)
+        check_divergence_guard_reads_shards(rank)
     finally:
         dist.destroy_process_group()
 
@@ -348,8 +349,87 @@ def check_evograd_communication(rank: int) -> None:
     assert shapes == [(k,), (k,), (k,), (), tuple(lam.shape)], f"collectives of shapes {shapes}"
 
 
+def check_divergence_guard_reads_shards(rank: int) -> None:
+    """A NaN in rank 1's shard stops both ranks (a DTensor's own amax misses it)."""
+    from common.distributed import on_every_rank
+    from common.runtime import DivergenceGuard, NonFiniteLossError
+
+    model, _ = build("loss")
+    shard_model(model, [model.block1, model.block2])
+    guard = DivergenceGuard("fsdp_test", "evograd", 1, [model])
+    on_every_rank(lambda: guard.check(training_loss=1.0))
+    if rank == 1:
+        with torch.no_grad():
+            local_shard(model.block1.weight)[0][0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError if rank == 1 else Exception, match="block1.weight|another process"):
+        on_every_rank(lambda: guard.check(training_loss=1.0))
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_ranks_sharded_match_one_unsharded_process():
     """A failing rank fails the test with its traceback; a rank left waiting stops at the group's 60 s timeout."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# label_noise_mwn --fsdp
+# ---------------------------------------------------------------------------------------------
+
+MWN = ["--quick", "--train_size", "60", "--num_meta", "20", "--batch_size", "20", "--meta_batch_size", "10",
+       "--device", "cpu", "--seed", "3", "--threads", "1", "--epochs", "1"]
+
+
+def test_mwn_fsdp_refusals_are_one_line(tmp_path, capsys):
+    from common.runtime import run_cli
+    from label_noise_mwn import train
+
+    for argv, expected in [
+        (["--methods", "mwn_second_order"], "error: --fsdp: mwn_second_order: second_order cannot run on an "
+                                            "FSDP-sharded model: it backpropagates through"),
+        (["--methods", "mwn_evograd", "--resume"], "error: --fsdp does not resume"),
+        (["--methods", "mwn_evograd"], "error: --fsdp shards the model over processes: run under torchrun"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            run_cli(train.main, [*MWN, *argv, "--fsdp", "--out", str(tmp_path)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_mwn_fsdp_run_equals_the_data_parallel_run(tmp_path):
+    """2 processes with --fsdp and 2 without (launched side by side): the same ResNet and VNet after an epoch
+    of finite-difference meta steps (float32 rounding apart), one results file, and a checkpoint that
+    loads into the unsharded ResNet."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from label_noise_mwn.mwn import init_models
+
+    env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+         "-m", "label_noise_mwn.train", *MWN, "--methods", "finite_difference", *flags, "--out", str(tmp_path / name)],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, flags in (("fsdp", ["--fsdp"]), ("replicated", []))}
+    for run in runs.values():
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+    (result,) = (tmp_path / "fsdp").glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["config"]["fsdp"] is True and record["config"]["processes"] == WORLD
+    assert "fsdp" not in json.loads(next((tmp_path / "replicated").glob("*.json")).read_text())["config"]
+    sharded, replicated = (torch.load(next((tmp_path / name / "checkpoints").glob("*.pt")), weights_only=False)
+                           for name in ("fsdp", "replicated"))
+    model, vnet = init_models(3, 10, 1, 8, 1, 8, 100)
+    model.load_state_dict(sharded["model"])  # whole tensors, the unsharded model's names
+    vnet_moved = max((replicated["vnet"][k] - v).abs().max().item() for k, v in vnet.state_dict().items())
+    vnet_gap = max((sharded["vnet"][k] - v).abs().max().item() for k, v in replicated["vnet"].items())
+    model_gap = max((sharded["model"][k].double() - v.double()).abs().max().item()
+                    for k, v in replicated["model"].items())
+    assert vnet_moved > 1e-5 and vnet_gap < 1e-3 * vnet_moved and model_gap < 1e-5, (vnet_moved, vnet_gap, model_gap)
+    assert set(sharded["model_opt"]["state"]) == set(replicated["model"]) - {
+        k for k in replicated["model"] if "running" in k or "num_batches" in k}
