@@ -2,7 +2,7 @@
 
 The 2-rank checks run in one ``torch.multiprocessing.spawn`` of 2 CPU (gloo) processes: each
 computes the unsharded whole-batch references first (no process group yet), then joins the group,
-shards the model over the 2 ranks (dim-0 splits of 5 and 3 rows are uneven: 3 + 2 and 2 + 1),
+shards the model over the 2 ranks (dim-0 splits of 5, 3 and 1 rows are uneven: 3 + 2, 2 + 1, 1 + 0),
 takes its half of every batch and must reproduce them, in float64.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Scale(nn.Module):
 
 
 class Net(nn.Module):
-    """Linear(4→5)-scale-tanh-Linear(5→3)-tanh-Linear(3→3); the first two layers are sharded blocks."""
+    """Linear(4→5)-scale-tanh-Linear(5→3)-tanh-(Linear(3→3) + Linear(3→1)); the first two layers are
+    sharded blocks. Split over 2 ranks, dim 0 of 5 rows is 3 + 2, of 3 rows 2 + 1, of 1 row 1 + 0."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,9 +54,11 @@ class Net(nn.Module):
         self.scale = Scale(5)
         self.block2 = nn.Linear(5, 3)
         self.head = nn.Linear(3, 3)  # held by the root, which FSDP2 keeps gathered after a forward
+        self.shift = nn.Linear(3, 1)  # one row: rank 1's shard is empty
 
     def forward(self, x):
-        return self.head(torch.tanh(self.block2(torch.tanh(self.scale(self.block1(x))))))
+        h = torch.tanh(self.block2(torch.tanh(self.scale(self.block1(x)))))
+        return self.head(h) + self.shift(h)
 
 
 def data(rank: int | None):
@@ -201,7 +204,7 @@ def test_unsharded_model_matches_low_memory_evograd_and_is_restored():
         grad, value, model, before = sharded(kind, method, rank=None)
         assert relative_error(grad, ref_grad) < 1e-9 and abs(value - ref_value) < 1e-12, (kind, method)
         theta = [p for n, p in model.named_parameters() if not (kind == "inside" and n == "scale.s")]
-        assert len(theta) == len(before) == 7 - (kind == "inside")
+        assert len(theta) == len(before) == 9 - (kind == "inside")
         assert all(torch.equal(a.detach(), b) for a, b in zip(theta, before)), "θ changed by the meta step"
         assert all(p.grad is None for p in theta), "θ's .grad must be left as it was"
     # the stream noise gives another hypergradient: the index noise is what the match above pins
@@ -285,7 +288,7 @@ def worker(rank: int, port: int) -> None:
             both = [torch.zeros_like(grad) for _ in range(WORLD)]
             dist.all_gather(both, grad)
             theta = [p for p in model.parameters() if isinstance(p, DTensor)]
-            restored = len(theta) == len(before) == 7 - (case[0] == "inside") and all(
+            restored = len(theta) == len(before) == 9 - (case[0] == "inside") and all(
                 torch.equal(local_shard(p)[0], b) for p, b in zip(theta, before))
             initial = [p for n, p in build(case[0])[0].named_parameters()
                        if not (case[0] == "inside" and n == "scale.s")]
@@ -305,7 +308,7 @@ def worker(rank: int, port: int) -> None:
 
 
 def check_noise_of_uneven_shards(rank: int) -> None:
-    """Each rank's noise of its shard is its slice of the unsharded noise (rows 3 + 2 of 5, 2 + 1 of 3)."""
+    """Each rank's noise of its shard is its slice of the unsharded noise (rows 3 + 2 of 5, 2 + 1 of 3, 1 + 0)."""
     model, _ = build("loss")
     shard_model(model, [model.block1, model.block2])
     names = [n for n, _ in model.named_parameters()]
@@ -313,6 +316,7 @@ def check_noise_of_uneven_shards(rank: int) -> None:
     whole = [p.full_tensor() for p in model.parameters()]
     rows = dict(zip(names, (s.shape[0] for s, _ in shards)))
     assert rows["block1.weight"] == (3, 2)[rank] and rows["head.bias"] == (2, 1)[rank], rows
+    assert rows["shift.weight"] == (1, 0)[rank], rows
     for kind in ("sign", "gaussian"):
         local = IndexedNoise([11, 12], 0.5, kind, names, [o for _, o in shards]).sample(1, [s for s, _ in shards])
         expected = IndexedNoise([11, 12], 0.5, kind, names).sample(1, whole)
