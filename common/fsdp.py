@@ -427,9 +427,10 @@ def sharded_evograd_hypergrad(
     hyperparams = _check_hyperparams(hyperparams)
     theta = base_params(model, hyperparams)
     shards = [local_shard(p) for p in theta.values()]
-    base, noise_spec = _prepare({n: s for n, (s, _) in zip(theta, shards)}, n_candidates, sigma, temperature,
-                                noise, generator, noise_addressing="index", offsets=[o for _, o in shards])
-    del base, shards
+    # the argument checks, and K seeds (rank 0's) for noise indexed by each shard's global offsets
+    _, noise_spec = _prepare({n: s for n, (s, _) in zip(theta, shards)}, n_candidates, sigma, temperature,
+                             noise, generator, noise_addressing="index", offsets=[o for _, o in shards])
+    del shards
     with _meta_step(model, theta, hyperparams) as saved:
         local_losses, loss_grads = [], []  # loss_grads[k][i] = ∂l_{r,k}/∂λ_i, this rank's
         with _frozen(theta):
@@ -462,10 +463,6 @@ def sharded_evograd_hypergrad(
         total = _mean_over_ranks_flat(local_total)
     _accumulate(hyperparams, total)
     return EvoGradOutput(val_mean, losses, weights)
-
-
-def _check_fd_epsilon(fd_epsilon: float) -> None:
-    _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
 
 
 def _central_difference(model: nn.Module, theta: dict[str, Tensor], saved: Sequence[Tensor],
@@ -512,7 +509,7 @@ def sharded_finite_difference_hypergrad(
         ValueError: on η ≤ 0, fd_epsilon ≤ 0, bad hyperparams, a non-scalar or non-finite loss.
     """
     _check_number("inner_lr", inner_lr, strictly_positive=True)
-    _check_fd_epsilon(fd_epsilon)
+    _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
     hyperparams = _check_hyperparams(hyperparams)
     theta = base_params(model, hyperparams)
     with _meta_step(model, theta, hyperparams) as saved:
@@ -559,7 +556,7 @@ def sharded_sama_hypergrad(
     Raises:
         ValueError: as ``sama_hypergrad`` (see ``optimizer_preconditioner``), or bad hyperparams.
     """
-    _check_fd_epsilon(fd_epsilon)
+    _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
     hyperparams = _check_hyperparams(hyperparams)
     theta = base_params(model, hyperparams)
     losses, whats = [], []

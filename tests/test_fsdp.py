@@ -262,6 +262,24 @@ def test_other_estimators_are_refused_with_one_line():
         check_fsdp_estimator("adam")
 
 
+def test_sharded_estimators_bad_input_raises():
+    model, lam = build("loss")
+    train, val = losses_of("loss", lam, lambda x: model(x), None)
+    with pytest.raises(ValueError, match="leaf tensors with requires_grad"):
+        sharded_evograd_hypergrad(model, [lam * 2], train, val)
+    with pytest.raises(ValueError, match="leaf tensors with requires_grad"):
+        sharded_sama_hypergrad(model, [], train, val, inner_lr=0.1)
+    with pytest.raises(ValueError, match="inner_lr must be a finite number > 0"):
+        sharded_finite_difference_hypergrad(model, [lam], train, val, inner_lr=0.0)
+    with pytest.raises(ValueError, match="fd_epsilon must be a finite number > 0"):
+        sharded_sama_hypergrad(model, [lam], train, val, inner_lr=0.1, fd_epsilon=-1.0)
+    with pytest.raises(ValueError, match="n_candidates"):
+        sharded_evograd_hypergrad(model, [lam], train, val, n_candidates=1)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        sharded_evograd_hypergrad(model.requires_grad_(False), [lam], train, val)
+    assert lam.grad is None
+
+
 def test_shard_model_without_process_group_raises():
     with pytest.raises(ValueError, match="process group"):
         shard_model(Net(), [])
@@ -303,6 +321,9 @@ def worker(rank: int, port: int) -> None:
         check_noise_of_uneven_shards(rank)
         check_evograd_communication(rank)
         check_divergence_guard_reads_shards(rank)
+        model, lam = build("loss")  # not sharded: its gradients would stay rank-local
+        with pytest.raises(ValueError, match="parameter 'block1.weight' is not sharded by fully_shard"):
+            sharded_evograd_hypergrad(model, [lam], *losses_of("loss", lam, lambda x: model(x), rank))
     finally:
         dist.destroy_process_group()
 
