@@ -60,18 +60,23 @@ import contextlib
 import hashlib
 import inspect
 import math
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from common.distributed import is_distributed, mean_over_ranks, sum_over_ranks
+from common.distributed import barrier, is_distributed, is_main_process, mean_over_ranks, sum_over_ranks
 from common.evograd import (NOISE_KINDS, EvoGradOutput, _noise_dots, _prepare, candidate_weights,
                             check_finite_losses, scalar_loss)
 from common.implicit import _accumulate, _check_number, optimizer_preconditioner
 from common.precision import full_precision
+from common.results import RESTART_FIX, RunFileError, resume_checkpoint, save_checkpoint
 
 LocalLossFn = Callable[[], Tensor]
 
@@ -656,15 +661,74 @@ def sharded_meta_backward(method: str, model: nn.Module, hyperparams: Sequence[T
     return float(result.val_loss if isinstance(result, EvoGradOutput) else result)
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with whole tensors on CPU, on rank 0 (empty on the others).
+# ---------------------------------------------------------------------------------------------
+# sharded checkpoints (torch.distributed.checkpoint)
+# ---------------------------------------------------------------------------------------------
 
-    Collective: every rank must call it. The model's is the unsharded model's ``state_dict()``;
-    the optimizer's is keyed by parameter name (``torch.distributed.checkpoint.state_dict``).
+def shards_folder(path: str | Path) -> Path:
+    """Where the shards of the checkpoint ``<name>.pt`` live: the folder ``<name>.shards``."""
+    return Path(path).with_suffix(".shards")
+
+
+def save_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                            config: dict, tag: str) -> Path:
+    """Save a sharded model and its optimiser with ``torch.distributed.checkpoint``, the rest on rank 0.
+
+    Collective: every rank calls it. Each rank writes its own shards of the model's and the
+    optimiser's state (``get_state_dict``: DTensors, keyed by parameter name) into
+    ``<name>.shards/.<tag>.tmp``; the folder is renamed to ``<name>.shards/<tag>`` once every rank has
+    written; then rank 0 writes ``path`` atomically (``save_checkpoint``: ``state``, ``config`` and
+    the folder's name under ``"shards"``), and removes every other folder in ``<name>.shards``. The
+    commit point is that last rename of ``path``: a run killed before it leaves ``path`` naming the
+    previous folder, still there. Nothing of θ's size is gathered on any rank.
+
+    Returns:
+        ``path``.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    path, root = Path(path), shards_folder(path)
+    partial, final = root / f".{tag}.tmp", root / tag
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    if is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
+        root.mkdir(parents=True, exist_ok=True)
+    barrier()
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    barrier()  # every rank's shards and the metadata are on disk
+    if is_main_process():
+        shutil.rmtree(final, ignore_errors=True)  # a folder of the same tag that no checkpoint names yet
+        partial.rename(final)
+        save_checkpoint(path, {**state, "shards": tag}, config)
+        for other in root.iterdir():
+            if other.name != tag:
+                shutil.rmtree(other, ignore_errors=True)
+    barrier()
+    return path
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+
+def load_sharded_checkpoint(path: str | Path, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            may_change: Iterable[str] = ()) -> dict | None:
+    """Resume from ``save_sharded_checkpoint``: the rest of the state, or None if there is no checkpoint.
+
+    Collective. ``path`` is checked as ``common.results.resume_checkpoint`` does (the same world
+    size, the same settings but ``may_change``); then every rank reads its own shards into ``model``
+    and ``optimizer`` (``dcp.load`` into their sharded state dicts, ``set_state_dict``).
+
+    Raises:
+        RunFileError: as ``resume_checkpoint``, or if the shards are missing or do not fit the model.
+    """
+    state = resume_checkpoint(path, config, may_change=may_change)
+    if state is None:
+        return None
+    folder = shards_folder(path) / str(state.get("shards"))
+    if "shards" not in state or not (folder / ".metadata").is_file():
+        raise RunFileError(f"checkpoint {path} names no sharded model, or its folder {folder} is gone: {RESTART_FIX}")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    both = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(both, checkpoint_id=folder)
+    except Exception as err:  # noqa: BLE001 (CheckpointException wraps every rank's error)
+        reason = (str(err).strip().splitlines() or [""])[0][:160]
+        raise RunFileError(f"the shards in {folder} do not fit this run ({type(err).__name__}: {reason}): "
+                           f"{RESTART_FIX}") from None
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    return state

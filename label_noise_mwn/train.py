@@ -16,8 +16,10 @@ batch's VNet hypergradient from ``common.hypergrad``; BatchNorm keeps per-rank b
 (``--sync-bn``: SyncBatchNorm, CUDA only), rank 0's running statistics are broadcast every step;
 only rank 0 prints, writes results, figures and checkpoints. ``--fsdp`` shards the ResNet's
 parameters over the ranks instead of replicating them (FSDP2, ``common.fsdp``): each rank keeps its
-rows of every tensor, the meta step perturbs them in place, and the checkpoint is the whole model
-gathered on rank 0 (no ``--resume``).
+rows of every tensor, the meta step perturbs them in place, and the checkpoint is sharded too
+(``torch.distributed.checkpoint``: every rank writes its rows of the ResNet and of its optimiser's
+state into ``<out>/checkpoints/<run>.shards/``, rank 0 the rest into ``<run>.pt``); ``--resume``
+reads them back under the same number of processes.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from common.distributed import (barrier, broadcast_buffers, check_sync_bn, is_main_process, mean_over_ranks,
                                 on_every_rank, process_group, shard, sum_over_ranks, sync_batchnorm, world_size)
-from common.fsdp import check_fsdp_estimator, full_state_dicts, shard_model
+from common.fsdp import check_fsdp_estimator, load_sharded_checkpoint, save_sharded_checkpoint, shard_model
 from common.hypergrad import add_estimator_args, estimator_options
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fsdp", action="store_true",
                         help="torchrun: shard the ResNet's parameters over the processes (FSDP2, one unit per residual "
                              "block; common.fsdp); methods baseline, mwn_evograd(_scaled), evograd, finite_difference, "
-                             "sama; no --resume")
+                             "sama; sharded checkpoints (torch.distributed.checkpoint)")
     return parser
 
 
@@ -197,9 +199,15 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
     start_epoch = 0
     # --epochs may grow on resume: the lr schedule depends on --milestones alone
     precision = Precision(args.amp, device)
-    state = resume_checkpoint(ckpt_path, config, may_change=("epochs",)) if args.resume else None
+    if not args.resume:
+        state = None
+    elif args.fsdp:  # every rank reads its own shards of the ResNet and its optimiser
+        state = load_sharded_checkpoint(ckpt_path, config, model, model_opt, may_change=("epochs",))
+    else:
+        state = resume_checkpoint(ckpt_path, config, may_change=("epochs",))
     if state is not None:
-        restore_states(state, {"model": model, "vnet": vnet, "model_opt": model_opt, "vnet_opt": vnet_opt}, ckpt_path)
+        restore_states(state, {"model": None if args.fsdp else model, "vnet": vnet,
+                               "model_opt": None if args.fsdp else model_opt, "vnet_opt": vnet_opt}, ckpt_path)
         precision.load_state_dict(state.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(state["generator"])
         data_gen.set_state(state["data_gen"])
@@ -274,16 +282,15 @@ def run(args: argparse.Namespace, data: ImageData, method: str, seed: int, devic
         meter.times = []
         log(f"[{method} seed {seed}] epoch {epoch + 1}/{args.epochs} lr {lr:g} "
             f"train loss {history['train_loss'][-1]:.4f}" + (f" test acc {test_acc:.2f}" if test_acc is not None else ""))
-        # --fsdp: the whole model gathered on rank 0 (every rank takes part); its optimiser state keyed by name
-        model_state, model_opt_state = (full_state_dicts(model, model_opt) if args.fsdp
-                                        else (model.state_dict(), model_opt.state_dict()))
-        if is_main_process():
-            save_checkpoint(ckpt_path, {"model": model_state, "vnet": vnet.state_dict(),
-                                    "model_opt": model_opt_state, "vnet_opt": vnet_opt.state_dict(),
-                                    "generator": generator.get_state(), "data_gen": data_gen.get_state(),
-                                    "torch_rng": torch.get_rng_state(), "history": history,
-                                    "step_times": step_times, "epoch": epoch + 1,
-                                    "amp_scaler": precision.state_dict()}, config)
+        replicated = {"vnet": vnet.state_dict(), "vnet_opt": vnet_opt.state_dict(),
+                      "generator": generator.get_state(), "data_gen": data_gen.get_state(),
+                      "torch_rng": torch.get_rng_state(), "history": history, "step_times": step_times,
+                      "epoch": epoch + 1, "amp_scaler": precision.state_dict()}
+        if args.fsdp:  # every rank writes its shards of the ResNet and its optimiser (collective)
+            save_sharded_checkpoint(ckpt_path, model, model_opt, replicated, config, tag=f"epoch{epoch + 1}")
+        elif is_main_process():
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "model_opt": model_opt.state_dict(),
+                                        **replicated}, config)
 
     efficiency = meter.summary()
     efficiency["meta_step_s"] = float(np.mean(step_times)) if step_times else None
@@ -342,7 +349,7 @@ def check_shardable(args: argparse.Namespace, n_train: int) -> None:
 
 
 def check_fsdp_args(args: argparse.Namespace) -> None:
-    """CLIError unless ``--fsdp`` can run: under torchrun, without --resume, with methods that have a sharded estimator."""
+    """CLIError unless ``--fsdp`` can run: under torchrun, with methods that have a sharded estimator."""
     if not args.fsdp:
         return
     for method in args.methods:
@@ -351,9 +358,6 @@ def check_fsdp_args(args: argparse.Namespace) -> None:
                 check_fsdp_estimator(estimator_of(method))
             except ValueError as err:
                 raise CLIError(f"--fsdp: {method}: {err}") from None
-    if args.resume:
-        raise CLIError("--fsdp does not resume (its checkpoints hold the gathered model, not a sharded checkpoint); "
-                       "leave out --resume")
     if world_size() < 2:
         raise CLIError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or more")
 

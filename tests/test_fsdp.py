@@ -412,7 +412,6 @@ def test_mwn_fsdp_refusals_are_one_line(tmp_path, capsys):
     for argv, expected in [
         (["--methods", "mwn_second_order"], "error: --fsdp: mwn_second_order: second_order cannot run on an "
                                             "FSDP-sharded model: it backpropagates through"),
-        (["--methods", "mwn_evograd", "--resume"], "error: --fsdp does not resume"),
         (["--methods", "mwn_evograd"], "error: --fsdp shards the model over processes: run under torchrun"),
     ]:
         with pytest.raises(SystemExit) as stop:
@@ -422,33 +421,70 @@ def test_mwn_fsdp_refusals_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_mwn_fsdp_run_equals_the_data_parallel_run(tmp_path):
-    """2 processes with --fsdp and 2 without (launched side by side): the same ResNet and VNet after an epoch
-    of finite-difference meta steps (float32 rounding apart), one results file, and a checkpoint that
-    loads into the unsharded ResNet."""
-    import json
+def torchrun_mwn(out, *flags: str):
+    """``torchrun --nproc_per_node 2 -m label_noise_mwn.train`` of MWN's tiny run into ``out``, started (Popen)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+         "-m", "label_noise_mwn.train", *MWN, "--methods", "finite_difference", *flags, "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(*runs, code: int = 0) -> list[str]:
+    """Each run's stderr once it has ended with exit status ``code``."""
+    errs = []
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == code, err[-3000:]
+        errs.append(err)
+    return errs
+
+
+def whole_checkpoint(out, tmp_path) -> dict:
+    """A --fsdp run's last checkpoint as whole tensors: its shards (``dcp_to_torch_save``) and rank 0's file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from common.fsdp import shards_folder
+
+    (path,) = (out / "checkpoints").glob("*.pt")
+    rest = torch.load(path, weights_only=False)
+    whole = tmp_path / f"{out.name}_whole.pt"
+    dcp_to_torch_save(shards_folder(path) / rest["shards"], whole)
+    assert [p.name for p in shards_folder(path).iterdir()] == [rest["shards"]]  # older epochs removed
+    return {**rest, **torch.load(whole, weights_only=False)}
+
+
+@pytest.fixture(scope="module")
+def mwn_runs(tmp_path_factory):
+    """Three 2-process runs launched side by side: --fsdp for 2 epochs, --fsdp for 1 epoch (its results file
+    then removed and the run resumed to 2 epochs), and the replicated run of 1 epoch."""
+    tmp = tmp_path_factory.mktemp("mwn_fsdp")
+    outs = {name: tmp / name for name in ("whole", "resumed", "replicated")}
+    finish(torchrun_mwn(outs["whole"], "--fsdp", "--epochs", "2"), torchrun_mwn(outs["resumed"], "--fsdp"),
+           torchrun_mwn(outs["replicated"]))
+    first = {"checkpoint": whole_checkpoint(outs["resumed"], tmp), "results": next(outs["resumed"].glob("*.json"))}
+    first["results"].unlink()
+    (err,) = finish(torchrun_mwn(outs["resumed"], "--fsdp", "--epochs", "2", "--resume"))
+    return {**outs, "first": first, "resume_log": err, "tmp": tmp}
+
+
+def test_mwn_fsdp_run_equals_the_data_parallel_run(mwn_runs):
+    """--fsdp and the replicated 2-process run: the same ResNet and VNet after an epoch of finite-difference
+    meta steps (float32 rounding apart, the reduce-scatter and the all-reduce sum in other orders), one
+    results file, and a sharded checkpoint whose tensors load into the unsharded ResNet."""
+    import json
+
     from label_noise_mwn.mwn import init_models
 
-    env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parent.parent
-    runs = {name: subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         "-m", "label_noise_mwn.train", *MWN, "--methods", "finite_difference", *flags, "--out", str(tmp_path / name)],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, flags in (("fsdp", ["--fsdp"]), ("replicated", []))}
-    for run in runs.values():
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err[-3000:]
-    (result,) = (tmp_path / "fsdp").glob("*.json")
-    record = json.loads(result.read_text())
+    sharded = mwn_runs["first"]["checkpoint"]
+    record = json.loads(next(mwn_runs["whole"].glob("*.json")).read_text())
     assert record["config"]["fsdp"] is True and record["config"]["processes"] == WORLD
-    assert "fsdp" not in json.loads(next((tmp_path / "replicated").glob("*.json")).read_text())["config"]
-    sharded, replicated = (torch.load(next((tmp_path / name / "checkpoints").glob("*.pt")), weights_only=False)
-                           for name in ("fsdp", "replicated"))
+    assert "fsdp" not in json.loads(next(mwn_runs["replicated"].glob("*.json")).read_text())["config"]
+    replicated = torch.load(next((mwn_runs["replicated"] / "checkpoints").glob("*.pt")), weights_only=False)
     model, vnet = init_models(3, 10, 1, 8, 1, 8, 100)
     model.load_state_dict(sharded["model"])  # whole tensors, the unsharded model's names
     vnet_moved = max((replicated["vnet"][k] - v).abs().max().item() for k, v in vnet.state_dict().items())
@@ -456,5 +492,48 @@ def test_mwn_fsdp_run_equals_the_data_parallel_run(tmp_path):
     model_gap = max((sharded["model"][k].double() - v.double()).abs().max().item()
                     for k, v in replicated["model"].items())
     assert vnet_moved > 1e-5 and vnet_gap < 1e-3 * vnet_moved and model_gap < 1e-5, (vnet_moved, vnet_gap, model_gap)
-    assert set(sharded["model_opt"]["state"]) == set(replicated["model"]) - {
-        k for k in replicated["model"] if "running" in k or "num_batches" in k}
+    momentum = {k: v["momentum_buffer"] for k, v in sharded["optimizer"]["state"].items()}
+    assert set(momentum) == {k for k in replicated["model"] if "running" not in k and "num_batches" not in k}
+    names = [k for k in replicated["model"] if k in momentum]  # the optimiser's parameters, in order
+    momentum_gap = max((momentum[k] - replicated["model_opt"]["state"][i]["momentum_buffer"]).abs().max().item()
+                       for i, k in enumerate(names))
+    assert momentum_gap < 1e-5, momentum_gap
+
+
+def test_mwn_fsdp_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_run(mwn_runs):
+    """1 epoch, then --resume --epochs 2 (every rank reads its shards back): results and the final ResNet,
+    VNet and optimiser state bit-identical to the 2-epoch run (same processes, same float32 operations
+    in the same order, the checkpoint holding every tensor and generator exactly)."""
+    import json
+
+    assert mwn_runs["resume_log"].count("resuming after epoch 1") == 1, mwn_runs["resume_log"]
+    want, got = (json.loads(next(mwn_runs[name].glob("*.json")).read_text())["metrics"]
+                 for name in ("whole", "resumed"))
+    assert got["test_epoch_per_epoch"] == [1, 2]
+    for key in ("test_acc_per_epoch", "train_loss_per_epoch", "meta_loss_per_epoch", "weight_clean_per_epoch",
+                "weight_noisy_per_epoch", "final_test_acc"):
+        assert got[key] == want[key], key
+    want, got = (whole_checkpoint(mwn_runs[name], mwn_runs["tmp"]) for name in ("whole", "resumed"))
+    assert got["epoch"] == want["epoch"] == 2 and got["shards"] == "epoch2"
+    for part in ("model", "vnet"):
+        assert all(torch.equal(got[part][k], v) for k, v in want[part].items()), part
+    assert all(torch.equal(got["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"])
+               for k, v in want["optimizer"]["state"].items())
+
+
+def test_mwn_fsdp_resume_refuses_other_settings_and_world_size(mwn_runs, capsys):
+    """--resume of a --fsdp checkpoint under another --lr (torchrun), or in one process: one line, exit 2
+    (every rank prints it, as any error under torchrun)."""
+    from common.runtime import run_cli
+    from label_noise_mwn import train
+
+    out = mwn_runs["whole"]
+    for results in out.glob("*.json"):
+        results.unlink()  # so the run is not skipped as finished
+    (err,) = finish(torchrun_mwn(out, "--fsdp", "--epochs", "2", "--resume", "--lr", "0.05"), code=1)
+    assert "error: --resume: checkpoint" in err and "other settings: lr (0.1 -> 0.05)" in err, err[-2000:]
+    assert "exitcode  : 2" in err  # the ranks exited with the one-line error (torchrun itself exits 1)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train.main, [*MWN, "--methods", "finite_difference", "--epochs", "2", "--resume", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "written by a run of 2 process(es), this one has 1" in lines[0]
