@@ -61,6 +61,7 @@ import hashlib
 import inspect
 import math
 import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -676,30 +677,32 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch
 
     Collective: every rank calls it. Each rank writes its own shards of the model's and the
     optimiser's state (``get_state_dict``: DTensors, keyed by parameter name) into
-    ``<name>.shards/.<tag>.tmp``; the folder is renamed to ``<name>.shards/<tag>`` once every rank has
-    written; then rank 0 writes ``path`` atomically (``save_checkpoint``: ``state``, ``config`` and
-    the folder's name under ``"shards"``), and removes every other folder in ``<name>.shards``. The
-    commit point is that last rename of ``path``: a run killed before it leaves ``path`` naming the
-    previous folder, still there. Nothing of θ's size is gathered on any rank.
+    ``<name>.shards/.<tag>-<random>.tmp``; the folder is renamed to ``<name>.shards/<tag>-<random>``
+    once every rank has written; then rank 0 writes ``path`` atomically (``save_checkpoint``:
+    ``state``, ``config`` and the folder's name under ``"shards"``) and removes every other folder
+    in ``<name>.shards``. The commit point is that rename of ``path``: a run killed before it
+    leaves ``path`` naming the previous folder, still there. Nothing of θ's size is gathered.
 
     Returns:
         ``path``.
     """
     path, root = Path(path), shards_folder(path)
-    partial, final = root / f".{tag}.tmp", root / tag
+    # rank 0's random suffix: a folder never has the name of one that the current checkpoint names
+    name = [f"{tag}-{uuid.uuid4().hex[:8]}"]
+    dist.broadcast_object_list(name, src=0)
+    name = name[0]
+    partial, final = root / f".{name}.tmp", root / name
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if is_main_process():
-        shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
         root.mkdir(parents=True, exist_ok=True)
     barrier()
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
     barrier()  # every rank's shards and the metadata are on disk
     if is_main_process():
-        shutil.rmtree(final, ignore_errors=True)  # a folder of the same tag that no checkpoint names yet
         partial.rename(final)
-        save_checkpoint(path, {**state, "shards": tag}, config)
-        for other in root.iterdir():
-            if other.name != tag:
+        save_checkpoint(path, {**state, "shards": name}, config)
+        for other in root.iterdir():  # the previous checkpoint's folder, and any left by a killed save
+            if other.name != name:
                 shutil.rmtree(other, ignore_errors=True)
     barrier()
     return path

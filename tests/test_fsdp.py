@@ -514,7 +514,7 @@ def test_mwn_fsdp_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted
                 "weight_noisy_per_epoch", "final_test_acc"):
         assert got[key] == want[key], key
     want, got = (whole_checkpoint(mwn_runs[name], mwn_runs["tmp"]) for name in ("whole", "resumed"))
-    assert got["epoch"] == want["epoch"] == 2 and got["shards"] == "epoch2"
+    assert got["epoch"] == want["epoch"] == 2 and got["shards"].startswith("epoch2-")
     for part in ("model", "vnet"):
         assert all(torch.equal(got[part][k], v) for k, v in want[part].items()), part
     assert all(torch.equal(got["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"])
