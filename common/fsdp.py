@@ -61,6 +61,7 @@ import hashlib
 import inspect
 import math
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -69,6 +70,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -344,14 +346,16 @@ def _shift(theta: dict[str, Tensor], steps: Sequence[Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def _frozen(theta: dict[str, Tensor]) -> Iterator[None]:
-    """θ does not require grad inside: forward passes build a graph into λ only, and FSDP reduces nothing."""
-    for p in theta.values():
+def frozen(params: Iterable[Tensor]) -> Iterator[None]:
+    """Within the block, the parameters that required grad do not (θ: forward passes build a graph
+    into λ only, and FSDP reduces nothing; FSDP2 copies the flag to the gathered parameters)."""
+    thawed = [p for p in params if p.requires_grad]
+    for p in thawed:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in theta.values():
+        for p in thawed:
             p.requires_grad_(True)
 
 
@@ -439,7 +443,7 @@ def sharded_evograd_hypergrad(
     del shards
     with _meta_step(model, theta, hyperparams) as saved:
         local_losses, loss_grads = [], []  # loss_grads[k][i] = ∂l_{r,k}/∂λ_i, this rank's
-        with _frozen(theta):
+        with frozen(theta.values()):
             for k in range(n_candidates):
                 _shift(theta, noise_spec.sample(k, saved))
                 with full_precision(candidates_in_float32):
@@ -479,7 +483,7 @@ def _central_difference(model: nn.Module, theta: dict[str, Tensor], saved: Seque
     norm = torch.sqrt(_dot_over_ranks(direction, direction))
     eps = fd_epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)  # u = 0: both sides are θ, difference 0
     sides, losses = [], []
-    with _frozen(theta):
+    with frozen(theta.values()):
         for sign in (1.0, -1.0):
             _shift(theta, [(sign * eps * u).to(t.dtype) for t, u in zip(saved, direction)])
             with full_precision(in_float32):
@@ -735,3 +739,26 @@ def load_sharded_checkpoint(path: str | Path, config: dict, model: nn.Module, op
                            f"{RESTART_FIX}") from None
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     return state
+
+
+def gathered_checkpoint(path: str | Path, state: dict) -> dict:
+    """``state`` (the file ``path``, as ``common.results.load_checkpoint`` reads it) with its shards
+    gathered as whole tensors under ``"model"`` and ``"optimizer"``, in one process, no process group.
+
+    A checkpoint without shards is returned as it is.
+
+    Raises:
+        RunFileError: if the shards' folder is missing or unreadable.
+    """
+    if "shards" not in state:
+        return state
+    folder = shards_folder(path) / str(state["shards"])
+    with tempfile.TemporaryDirectory(prefix="gathered_checkpoint_") as scratch:
+        try:
+            dcp_to_torch_save(folder, Path(scratch) / "whole.pt")
+        except Exception as err:  # noqa: BLE001 (a missing folder or a damaged shard)
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            raise RunFileError(f"the shards of checkpoint {path} in {folder} are unreadable "
+                               f"({type(err).__name__}: {reason})") from None
+        whole = torch.load(Path(scratch) / "whole.pt", weights_only=False)
+    return {**state, **whole}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import XLMRobertaConfig
 
+from common.fsdp import gathered_checkpoint
 from common.results import atomic_write_json, load_checkpoint
 from common.runtime import CLIError, DefaultsHelpFormatter, positive, run_cli, select_device
 from metaxl.data import input_format
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise CLIError(f"cannot read checkpoint {args.checkpoint}: {err}") from None
     if "model_config" not in ckpt:
         raise CLIError(f"{args.checkpoint} is not a metaxl.train checkpoint")
+    ckpt = gathered_checkpoint(args.checkpoint, ckpt)  # --fsdp: the shards, whole
 
     train_args = argparse.Namespace(**ckpt["config"])
     if args.data_root is not None:

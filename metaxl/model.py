@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForTokenClas
 
 from common.distributed import average_gradients, is_distributed, mean_over_ranks
 from common.evograd import functional_forward
+from common.fsdp import frozen, is_sharded, sharded_meta_backward
 from common.hypergrad import meta_backward
 from common.precision import backward, optimizer_step, unscale_gradients
 from common.runtime import CLIError
@@ -163,10 +164,15 @@ def main_update(model, optimizer: torch.optim.Optimizer, scheduler, source: Batc
 
     ``max_grad_norm`` None: no clipping.
     """
-    loss = scale * training_loss(model, source, target, rtn, layer)
     optimizer.zero_grad(set_to_none=True)
-    backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])  # scaled under --amp fp16
-    average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP), then clipped
+    if is_sharded(model):  # FSDP2: the gathered parameters are not the sharded ones: no ``inputs=``
+        with frozen(rtn.parameters() if rtn is not None else ()):
+            loss = scale * training_loss(model, source, target, rtn, layer)
+            backward(loss)  # FSDP2 reduce-scatters: every rank's shard holds the ranks' mean gradient
+    else:
+        loss = scale * training_loss(model, source, target, rtn, layer)
+        backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])  # scaled under --amp fp16
+        average_gradients(model)  # torchrun: the whole batch's gradient on every rank (as DDP), then clipped
     unscale_gradients(optimizer)  # --amp fp16: clip the true gradients
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -183,6 +189,10 @@ def metaxl_meta_step(estimator: str, model, rtn: nn.Module, source: Batch, targe
     one differentiable SGD step through ``higher``). Accumulates into the RTN's ``.grad``;
     the main model's weights and ``.grad`` are untouched. Returns L_meta at the virtual step.
     """
+    if is_sharded(model):  # --fsdp: θ's shards perturbed in place, the model's own forward (common.fsdp)
+        return sharded_meta_backward(estimator, model, list(rtn.parameters()),
+                                     lambda: training_loss(model, source, target, rtn, layer),
+                                     lambda: tagger_loss(model, meta), inner_lr=inner_lr, **options)
     params = {n: p.detach() for n, p in model.named_parameters()}
     return meta_backward(
         estimator, params, list(rtn.parameters()),
@@ -220,9 +230,22 @@ def metaxl_evograd_meta_step(estimator: str, model, rtn: nn.Module, source: Batc
 
     The meta batch runs once, at the merged head. Accumulates into the RTN's ``.grad``; the main
     model is untouched. Returns L_meta at the merged head.
+
+    A model sharded by FSDP2 (``common.fsdp``): ``per_candidate`` only; the encoder's shards are
+    frozen, the head's perturbed in place with index-addressed noise, and every pass (each
+    candidate's, then the meta batch's at the merged head) is the whole model's own forward.
     """
     if candidate_encoder not in CANDIDATE_ENCODER:
         raise ValueError(f"unknown candidate_encoder {candidate_encoder!r}; choose from {CANDIDATE_ENCODER}")
+    if is_sharded(model):
+        if candidate_encoder != "per_candidate":
+            raise ValueError("a sharded model runs the encoder for every candidate (candidate_encoder='per_candidate')")
+        # θ = the head alone: the encoder's shards are frozen, so the sharded EvoGrad perturbs only the head;
+        # each candidate and the meta batch run the whole model's forward (the meta batch after the candidates)
+        with frozen(model.roberta.parameters()):
+            return sharded_meta_backward(estimator, model, list(rtn.parameters()),
+                                         lambda: training_loss(model, source, target, rtn, layer),
+                                         lambda: tagger_loss(model, meta), **options)
 
     def head_loss(head: Mapping[str, Tensor], hidden: Tensor, batch: Batch) -> Tensor:
         return token_loss(F.linear(hidden, head["weight"], head["bias"]), batch["labels"])

@@ -16,7 +16,9 @@ sentences of the source, target and meta batches (``--batch_size`` stays global)
 is the whole batch's mean over labelled sub-tokens (``metaxl.model.token_loss``); the main model's
 gradients are averaged over ranks before clipping, the RTN's hypergradient is the whole batch's;
 dev and test sets are evaluated whole on every rank; only rank 0 prints, writes results, figures
-and checkpoints. XLM-R has no BatchNorm (LayerNorm is per token), so there is no ``--sync-bn``.
+and checkpoints. ``--fsdp`` shards XLM-R over the ranks instead (FSDP2, ``common.fsdp``; the RTN
+stays replicated); every rank then writes its shards of the checkpoint
+(``torch.distributed.checkpoint``), rank 0 the rest. XLM-R has no BatchNorm (LayerNorm is per token), so there is no ``--sync-bn``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 
 from common.distributed import (barrier, is_main_process, mean_over_ranks, on_every_rank, process_group, shard,
                                 world_size)
+from common.fsdp import check_fsdp_estimator, load_sharded_checkpoint, save_sharded_checkpoint, shard_model
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
 from common.precision import Precision, add_amp_arg
@@ -115,6 +118,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="metaxl_evograd: rerun the encoder for every candidate (own dropout mask, the EvoGrad code) "
                         "or run it once and share its features between the K heads")
     p.add_argument("--no_figures", action="store_true", help="skip the dev-F1 figures")
+    p.add_argument("--fsdp", action="store_true",
+                   help="torchrun: shard XLM-R's parameters over the processes (FSDP2, one unit per transformer layer "
+                        "and the root; the RTN stays replicated; common.fsdp); metaxl with --metaxl_estimator "
+                        "finite_difference or sama, metaxl_evograd with --candidate_encoder per_candidate, "
+                        "joint_training; sharded checkpoints (torch.distributed.checkpoint)")
     add_common_args(p, default_seeds=(1,), default_out="results/metaxl")
     add_amp_arg(p)  # --amp none|bf16|fp16 (common.precision)
     args = p.parse_args(argv)
@@ -214,6 +222,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                        f"got {args.transfer_layer}")
     rtn = (RepresentationTransformation(model.config.hidden_size, args.bottle_size).to(device)
            if method != "joint_training" else None)
+    if args.fsdp:  # before the optimiser is made: it holds the shards
+        shard_model(model, list(model.roberta.encoder.layer))
     source_items = encode(tokenizer, data["source"], args.max_seq_length, fmt)
     target_items = encode(tokenizer, data["target"], args.max_seq_length, fmt)
     steps_per_epoch = math.ceil(len(source_items) / args.batch_size)
@@ -227,9 +237,14 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                 "meta_optimizer": meta_optimizer, "meta_scheduler": meta_scheduler}
     history, start_epoch = [], 0
     precision = Precision(args.amp, device)
-    ckpt = resume_checkpoint(ckpt_path, vars(args), device) if args.resume else None
+    if not args.resume:
+        ckpt = None
+    elif args.fsdp:  # every rank reads its own shards of XLM-R and its optimiser
+        ckpt = load_sharded_checkpoint(ckpt_path, run_config(args), model, optimizer)
+    else:
+        ckpt = resume_checkpoint(ckpt_path, run_config(args), device)
     if ckpt is not None:
-        restore_states(ckpt, stateful, ckpt_path)
+        restore_states(ckpt, {**stateful, **({"model": None, "optimizer": None} if args.fsdp else {})}, ckpt_path)
         precision.load_state_dict(ckpt.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -269,20 +284,48 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                         "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"]})
         log(f"{setting} {method} seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
             f"dev F1 {dev['f1']:.2f} test F1 {test['f1']:.2f}")
-        if not is_main_process():
-            continue
-        save_checkpoint(ckpt_path, {
-            **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()},
+        replicated = {
+            **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()
+               if not (args.fsdp and name in ("model", "optimizer"))},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
             "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab,
             "model_config": model.config.to_dict(), "method": method, "seed": seed, "setting": setting,
-            "target": data["lang"]}, vars(args))
+            "target": data["lang"]}
+        if args.fsdp:  # every rank writes its shards of XLM-R and its optimiser (collective)
+            save_sharded_checkpoint(ckpt_path, model, optimizer, replicated, run_config(args), tag=f"epoch{epoch + 1}")
+        elif is_main_process():
+            save_checkpoint(ckpt_path, replicated, run_config(args))
 
     best = max(history, key=lambda h: h["dev_f1"])
     metrics = {"test_f1": best["test_f1"], "dev_f1": best["dev_f1"], "best_epoch": best["epoch"],
                "test_precision": best["test_precision"], "test_recall": best["test_recall"],
                "test_f1_last": history[-1]["test_f1"], "history": history}
     return {"metrics": metrics, "efficiency": note_resume(meter.summary(), start_epoch)}
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The flags, ``fsdp`` left out unless given (checkpoints written before the flag existed still resume)."""
+    return {k: v for k, v in vars(args).items() if k != "fsdp" or v}
+
+
+def check_fsdp_args(args: argparse.Namespace) -> None:
+    """CLIError unless ``--fsdp`` can run: under torchrun, every method with a sharded meta step."""
+    if not args.fsdp:
+        return
+    estimators = {"metaxl": ("--metaxl_estimator", args.metaxl_estimator),
+                  "metaxl_evograd": ("--evograd_estimator", args.evograd_estimator)}
+    for method in args.methods:
+        if method in estimators:
+            flag, name = estimators[method]
+            try:
+                check_fsdp_estimator(name)
+            except ValueError as err:
+                raise CLIError(f"--fsdp: {method} with {flag} {name}: {err}") from None
+    if "metaxl_evograd" in args.methods and args.candidate_encoder != "per_candidate":
+        raise CLIError("--fsdp runs metaxl_evograd's encoder for every candidate: leave out --candidate_encoder "
+                       f"{args.candidate_encoder} (a sharded encoder's features cannot be shared between heads)")
+    if world_size() < 2:
+        raise CLIError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or more")
 
 
 def log(message: str) -> None:
@@ -335,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, device: torch.device) -> None:
     """Every (target, seed, method) run; under torchrun only rank 0 prints and writes."""
+    check_fsdp_args(args)
     check_shardable(args)
     out = prepare_out(args.out)
     kind = "synthetic" if args.data_root is None else "panx"
@@ -354,7 +398,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 records = {}
                 for method in (m for s, m in todo if s == seed):
                     records[method] = run_method(args, method, seed, setting, data, device)
-                    config = {**vars(args), "method": method, "target": target,
+                    config = {**run_config(args), "method": method, "target": target,
                               "n_source_sentences": len(data["source"]), "n_target_sentences": len(data["target"])}
                     if is_main_process():
                         path = write_results(args.out, experiment="metaxl", method=method, seed=seed,

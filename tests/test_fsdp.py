@@ -421,8 +421,8 @@ def test_mwn_fsdp_refusals_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))
 
 
-def torchrun_mwn(out, *flags: str):
-    """``torchrun --nproc_per_node 2 -m label_noise_mwn.train`` of MWN's tiny run into ``out``, started (Popen)."""
+def torchrun(module: str, argv, out):
+    """``torchrun --nproc_per_node 2 -m <module> <argv> --out <out>``, started (Popen)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -430,8 +430,13 @@ def torchrun_mwn(out, *flags: str):
     env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         "-m", "label_noise_mwn.train", *MWN, "--methods", "finite_difference", *flags, "--out", str(out)],
+         "-m", module, *argv, "--out", str(out)],
         cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun_mwn(out, *flags: str):
+    """MWN's tiny finite-difference run under torchrun into ``out`` (``torchrun``)."""
+    return torchrun("label_noise_mwn.train", [*MWN, "--methods", "finite_difference", *flags], out)
 
 
 def finish(*runs, code: int = 0) -> list[str]:
@@ -444,18 +449,14 @@ def finish(*runs, code: int = 0) -> list[str]:
     return errs
 
 
-def whole_checkpoint(out, tmp_path) -> dict:
-    """A --fsdp run's last checkpoint as whole tensors: its shards (``dcp_to_torch_save``) and rank 0's file."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+def whole_checkpoint(out, pattern: str = "*.pt") -> dict:
+    """A --fsdp run's last checkpoint with its shards as whole tensors (``gathered_checkpoint``)."""
+    from common.fsdp import gathered_checkpoint, shards_folder
 
-    from common.fsdp import shards_folder
-
-    (path,) = (out / "checkpoints").glob("*.pt")
+    (path,) = (out / "checkpoints").glob(pattern)
     rest = torch.load(path, weights_only=False)
-    whole = tmp_path / f"{out.name}_whole.pt"
-    dcp_to_torch_save(shards_folder(path) / rest["shards"], whole)
     assert [p.name for p in shards_folder(path).iterdir()] == [rest["shards"]]  # older epochs removed
-    return {**rest, **torch.load(whole, weights_only=False)}
+    return gathered_checkpoint(path, rest)
 
 
 @pytest.fixture(scope="module")
@@ -466,10 +467,10 @@ def mwn_runs(tmp_path_factory):
     outs = {name: tmp / name for name in ("whole", "resumed", "replicated")}
     finish(torchrun_mwn(outs["whole"], "--fsdp", "--epochs", "2"), torchrun_mwn(outs["resumed"], "--fsdp"),
            torchrun_mwn(outs["replicated"]))
-    first = {"checkpoint": whole_checkpoint(outs["resumed"], tmp), "results": next(outs["resumed"].glob("*.json"))}
+    first = {"checkpoint": whole_checkpoint(outs["resumed"]), "results": next(outs["resumed"].glob("*.json"))}
     first["results"].unlink()
     (err,) = finish(torchrun_mwn(outs["resumed"], "--fsdp", "--epochs", "2", "--resume"))
-    return {**outs, "first": first, "resume_log": err, "tmp": tmp}
+    return {**outs, "first": first, "resume_log": err}
 
 
 def test_mwn_fsdp_run_equals_the_data_parallel_run(mwn_runs):
@@ -513,7 +514,7 @@ def test_mwn_fsdp_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted
     for key in ("test_acc_per_epoch", "train_loss_per_epoch", "meta_loss_per_epoch", "weight_clean_per_epoch",
                 "weight_noisy_per_epoch", "final_test_acc"):
         assert got[key] == want[key], key
-    want, got = (whole_checkpoint(mwn_runs[name], mwn_runs["tmp"]) for name in ("whole", "resumed"))
+    want, got = (whole_checkpoint(mwn_runs[name]) for name in ("whole", "resumed"))
     assert got["epoch"] == want["epoch"] == 2 and got["shards"].startswith("epoch2-")
     for part in ("model", "vnet"):
         assert all(torch.equal(got[part][k], v) for k, v in want[part].items()), part
@@ -537,3 +538,42 @@ def test_mwn_fsdp_resume_refuses_other_settings_and_world_size(mwn_runs, capsys)
         run_cli(train.main, [*MWN, "--methods", "finite_difference", "--epochs", "2", "--resume", "--out", str(out)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and "written by a run of 2 process(es), this one has 1" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# metaxl --fsdp
+# ---------------------------------------------------------------------------------------------
+
+METAXL = ["--model", "tiny", "--train_size", "24", "--target_train_size", "12", "--epochs", "1", "--batch_size", "6",
+          "--lr", "1e-3", "--meta_lr", "1e-3", "--bottle_size", "8", "--max_seq_length", "32",
+          "--eval_max_seq_length", "32", "--transfer_layer", "4", "--targets", "qu", "--seed", "3", "--no_figures",
+          "--device", "cpu", "--metaxl_estimator", "finite_difference"]
+
+
+def test_metaxl_fsdp_run_equals_the_data_parallel_run(tmp_path):
+    """2 processes with --fsdp and 2 without, side by side: after 4 iterations of metaxl (finite-difference
+    hypergradient of the RTN, Adam on XLM-R) the same losses, dev F1, XLM-R and RTN up to float32 rounding
+    (the reduce-scatter and the all-reduce sum in other orders); metaxl_evograd (the head's shards
+    perturbed with index-addressed noise, so not the replicated run's noise) runs and checkpoints."""
+    import json
+    import math
+
+    fsdp, replicated = tmp_path / "fsdp", tmp_path / "replicated"
+    finish(torchrun("metaxl.train", [*METAXL, "--methods", "metaxl", "metaxl_evograd", "--fsdp"], fsdp),
+           torchrun("metaxl.train", [*METAXL, "--methods", "metaxl"], replicated))
+    want, got = (json.loads(next(out.glob("*_metaxl_seed3.json")).read_text()) for out in (replicated, fsdp))
+    assert got["config"]["fsdp"] is True and "fsdp" not in want["config"]
+    (want_epoch,), (got_epoch,) = want["metrics"]["history"], got["metrics"]["history"]
+    assert got_epoch["train_loss"] == pytest.approx(want_epoch["train_loss"], rel=1e-5)
+    assert got_epoch["dev_f1"] == want_epoch["dev_f1"]
+    sharded = whole_checkpoint(fsdp, "*_metaxl_seed3.pt")
+    reference = torch.load(next((replicated / "checkpoints").glob("*.pt")), weights_only=False)
+    # attention's key bias is left out: its gradient is 0 in exact arithmetic (q·(k + b) adds q·b to every
+    # score of a softmax row), so in float32 it is rounding noise, which Adam scales up to steps of about lr
+    model_gap = max((sharded["model"][k] - v).abs().max().item() for k, v in reference["model"].items()
+                    if not k.endswith("key.bias"))
+    rtn_gap = max((sharded["rtn"][k] - v).abs().max().item() for k, v in reference["rtn"].items())
+    assert model_gap < 1e-6 and rtn_gap < 1e-6, (model_gap, rtn_gap)
+    evograd = json.loads(next(fsdp.glob("*_metaxl_evograd_seed3.json")).read_text())
+    assert math.isfinite(evograd["metrics"]["history"][0]["train_loss"])
+    assert whole_checkpoint(fsdp, "*_metaxl_evograd_seed3.pt")["rtn"] != {}
