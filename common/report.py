@@ -437,13 +437,20 @@ def bench_tables(bench_json: Path) -> list[Table]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in data["rows"]:
         groups[(row["benchmark"], json.dumps(row.get("config", {}), sort_keys=True))].append(row)
+    registry = bench.discover()
     tables = []
     for (name, config), rows in groups.items():
-        reference = rows[0].get("reference") or rows[0]["method"]
+        # ratios to the benchmark's registered reference (the second-order method) when it was run
+        reference = rows[0].get("reference") or (registry[name].reference if name in registry else None)
+        if reference not in {r["method"] for r in rows}:
+            reference = rows[0]["method"]
         lines = bench.format_table(rows, reference).splitlines()
         env = data.get("env", {})
-        note = (f"`{name}` config {config}; device {rows[0].get('device', env.get('gpu') or 'cpu')}, "
-                f"torch {env.get('torch', '?')}; command: `{env.get('command') or 'python -m common.bench'}`.")
+        load = env.get("load_avg_1min")
+        note = (f"`{name}` config {config}; ratios to `{reference}`; device {rows[0].get('device', env.get('gpu') or 'cpu')}, "
+                f"torch {env.get('torch', '?')}, {env.get('torch_threads', '?')} thread(s)"
+                + (f", load average {load} when it ended" if load is not None else "")
+                + f"; command: `{env.get('command') or 'python -m common.bench'}`.")
         tables.append(Table(f"{name}", _split_row(lines[0]), [_split_row(line) for line in lines[2:]], [note], level=4))
     return tables
 
@@ -594,6 +601,7 @@ def fill_docs(root: Path = REPO_ROOT, check: bool = False) -> list[str]:
 
 
 # (experiment, committed results folder) whose headline figure ``--docs`` redraws into docs/figures
+STUDY_FIGURES = "runs/hypergrad_study/study.json"
 DOC_FIGURES = (("illustration_1d", "runs/illustration_1d"), ("rotation", "runs/rotation_mnist"),
                ("label_noise_mwn", "runs/label_noise_mwn_mnist"))
 
@@ -605,6 +613,13 @@ def draw_doc_figures(root: Path = REPO_ROOT) -> list[Path]:
         records = _records([folder], root)
         draw = importlib.import_module(f"{experiment}.eval").headline_figure
         written += draw(records, root / "docs" / "figures" / f"{experiment}_headline")
+    study_json = root / STUDY_FIGURES
+    if study_json.is_file():   # the estimator study's two figures, from its committed study.json
+        hypergrad_study = importlib.import_module("common.hypergrad_study")
+        rows_by_problem = hypergrad_study.load_rows([study_json])
+        figures = root / "docs" / "figures"
+        written += hypergrad_study.plot_fidelity_vs_cost(rows_by_problem, figures / "hypergrad_fidelity_vs_cost")
+        written += hypergrad_study.plot_summary(rows_by_problem, figures / "hypergrad_fidelity_vs_time_summary")
     for path in [p for p in written if p.suffix != ".png"]:   # the docs show PNGs; PDFs stay with the runs
         path.unlink()
     return [p for p in written if p.suffix == ".png"]

@@ -221,3 +221,16 @@ def test_bench_cli_runs_extra_methods_only_when_named():
     listing = subprocess.run([sys.executable, "-m", "common.bench", "--list"], capture_output=True, text=True)
     mwn_line = next(line for line in listing.stdout.splitlines() if line.startswith("label_noise_mwn:"))
     assert "(also: mwn_evograd_scaled, evograd, " in mwn_line and "finite_difference" in mwn_line
+
+
+def test_bench_block_takes_ratios_to_the_registered_reference(tmp_path):
+    from common.report import bench_tables
+    rows = [{"benchmark": "rotation", "config": {"width": 1}, "method": m, "time_s": t, "time_std_s": 0.0, "reps": 2,
+             "device": "cpu", "peak_mem_mb": mb, "peak_total_mb": mb + 400} for m, t, mb in
+            (("evograd", 0.2, 30.0), ("second_order", 0.1, 60.0))]   # the reference is not the first row
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows, "env": {"torch": "x", "command": "python -m common.bench rotation"}}))
+    (table,) = bench_tables(path)
+    ratios = {row[0]: (row[2], row[4]) for row in table.rows}
+    assert ratios == {"evograd": ("2", "0.5"), "second_order": ("1", "1")}
+    assert "ratios to `second_order`" in table.notes[0]
