@@ -27,6 +27,12 @@ every rank builds the step with 1/N of the config's ``batch``, the ranks meet at
 before and after each step (so a step's time is the slowest rank's), and the table gives seconds
 per iteration, the speed-up over the first N, and peak memory per rank (the largest over ranks).
 Threads per process follow ``OMP_NUM_THREADS`` (torchrun sets 1 for N > 1 when it is unset).
+
+``--nproc N --fsdp`` runs every method twice under each N: replicated, and sharded (the config
+gains ``"fsdp": true``, which the benchmark's ``make_step`` reads to shard its model with
+``common.fsdp.shard_model`` before making the optimiser; a method with no sharded estimator fails
+its row with the reason). Sharded rows are named ``<method>, sharded``; every data-parallel row
+also gives ``peak_mem_mb``, the largest rank's, so ``common.report`` tabulates them.
 """
 from __future__ import annotations
 
@@ -219,12 +225,18 @@ def _launch(cmd: list[str]) -> tuple[dict | None, str | None]:
     """Run one torchrun command: (the worker's JSON row, None), or (None, its first error line)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    # the first worker's one-line error or exception line (torchrun's own summary comes last)
+    # (a worker's traceback lines start with "[rank<r>]: " once torchrun has collected them)
+    stderr = [re.sub(r"^\[rank\d+\]:\s*", "", line) for line in proc.stderr.splitlines()]
+    errors = [line for line in stderr if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
+    error = (errors or [line for line in stderr if line.strip()] or ["(no output)"])[0][:200]
+    if lines and proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # rank 0 printed its row, every step measured; a worker then aborted while exiting (a C++ thread
+        # left joinable at interpreter exit, seen on CPU gloo runs): the row stands, the abort is noted
+        return {**json.loads(lines[-1]), "aborted_at_exit": error}, None
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1]), None
-    # the first worker's one-line error or exception line (torchrun's own summary comes last)
-    errors = [line for line in proc.stderr.splitlines()
-              if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
-    return None, (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0][:200]
+    return None, error
 
 
 def format_data_parallel_table(rows: list[dict]) -> str:
@@ -246,18 +258,30 @@ def format_data_parallel_table(rows: list[dict]) -> str:
 
 
 def run_data_parallel(bench: Benchmark, configs: Sequence[dict], methods: Sequence[str], nprocs: Sequence[int],
-                      device: torch.device, warmup: int, reps: int, amp: str = "none") -> list[dict]:
-    """Every (config, method, N) under torchrun; prints a table per config."""
+                      device: torch.device, warmup: int, reps: int, amp: str = "none",
+                      fsdp: bool = False) -> list[dict]:
+    """Every (config, method, N) under torchrun, and with ``fsdp`` each sharded too; prints a table per config."""
     results = []
     for config in configs:
-        rows = [{"benchmark": bench.name, "config": config, "method": m, "device": str(device), "reps": reps, "amp": amp,
-                 **measure_data_parallel(bench.name, config, m, n, device, warmup, reps, amp)}
-                for m in methods for n in nprocs]
+        rows = [_data_parallel_row(bench.name, config, m, n, device, warmup, reps, amp, sharded)
+                for m in methods for sharded in ((False, True) if fsdp else (False,)) for n in nprocs]
         print(f"\n### {bench.name} {json.dumps(config)}  (device {device}, torchrun, {reps} reps per run, "
               f"runs one after another)\n")
         print(format_data_parallel_table(rows), flush=True)
         results.extend(rows)
     return results
+
+
+def _data_parallel_row(name: str, config: dict, method: str, nproc: int, device: torch.device, warmup: int,
+                       reps: int, amp: str, sharded: bool) -> dict:
+    """One row of ``run_data_parallel``; ``peak_mem_mb``/``peak_total_mb``: the largest rank's."""
+    row = measure_data_parallel(name, {**config, "fsdp": True} if sharded else config, method, nproc, device,
+                                warmup, reps, amp)
+    for key in ("peak_mem_mb", "peak_total_mb"):
+        per_rank = [x for x in row.get(f"{key}_per_rank", []) if x is not None]
+        row[key] = max(per_rank) if per_rank else None
+    return {"benchmark": name, "config": config, "method": f"{method}, sharded" if sharded else method,
+            "sharded": sharded, "device": str(device), "reps": reps, "amp": amp, **row}
 
 
 def check_data_parallel_plan(plan: Sequence[tuple[Benchmark, tuple[str, ...], list[dict]]], nprocs: Sequence[int],
@@ -372,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, nargs="+",
                         help="data parallel: run each method under torchrun with each of these numbers of processes "
                              "(e.g. 1 2), every rank on 1/N of the batch; seconds per iteration and peak memory per rank")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --nproc: every method also with its model sharded over the processes (FSDP2, "
+                             "common.fsdp), rows '<method>, sharded'")
     parser.add_argument("--memory-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--dp-worker", nargs=3, metavar=("NAME", "CONFIG_JSON", "METHOD"), help=argparse.SUPPRESS)
@@ -382,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise CLIError("--no-time and --no-memory together leave nothing to measure")
     if args.nproc and min(args.nproc) < 1:
         raise CLIError(f"--nproc takes numbers of processes >= 1, got {args.nproc}")
+    if args.fsdp and not args.nproc:
+        raise CLIError("--fsdp shards the model over processes: give their numbers with --nproc (e.g. --nproc 2)")
     device = select_device(args.device)
     if args.out and not args.memory_worker:
         prepare_out_file(args.out)  # before the benchmarks: an unwritable --out would lose every measurement
@@ -414,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_data_parallel_plan(plan, args.nproc, device)
     for bench, methods, configs in plan:
         if args.nproc:
-            all_rows += run_data_parallel(bench, configs, methods, args.nproc, device, args.warmup, args.reps, args.amp)
+            all_rows += run_data_parallel(bench, configs, methods, args.nproc, device, args.warmup, args.reps, args.amp,
+                                          args.fsdp)
             continue
         all_rows += run_benchmark(bench, configs, methods, device, args.warmup, args.reps,
                                   not args.no_memory, args.mem_steps, timing=not args.no_time, amp=args.amp)

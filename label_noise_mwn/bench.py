@@ -17,6 +17,12 @@ the K candidate passes as one ``torch.func.vmap``:
 
     python -m common.bench label_noise_mwn --config 3 --methods mwn_second_order mwn_evograd cg neumann sama
     python -m common.bench label_noise_mwn --config 0 4 5 --methods mwn_second_order mwn_evograd evograd_batched
+
+Configs 6 and 7 (ResNet-8 at widths 4 and 8, a global batch of 4) are for ``--nproc 2 --fsdp``:
+small batches, so that the parameters, not the activations, dominate the memory:
+
+    python -m common.bench label_noise_mwn --config 6 7 --nproc 2 --fsdp \
+        --methods baseline mwn_evograd finite_difference sama mwn_second_order
 """
 from __future__ import annotations
 
@@ -25,15 +31,17 @@ from collections.abc import Callable
 import torch
 
 from common.bench import horizon_options, register_benchmark
+from common.fsdp import check_fsdp_estimator, shard_model
 from label_noise_mwn.models import CifarResNet, VNet
-from label_noise_mwn.mwn import PAPER_METHODS, make_optimizers, method_choices, train_iteration
+from label_noise_mwn.mwn import PAPER_METHODS, estimator_of, make_optimizers, method_choices, train_iteration
 
 
 @register_benchmark(
     "label_noise_mwn", methods=PAPER_METHODS, reference="mwn_second_order", extra_methods=method_choices(),
     configs=tuple({"depth": 32, "width": w, "batch": 100} for w in (1, 2, 4))
     + ({"depth": 8, "width": 1, "base_channels": 16, "channels": 1, "batch": 100, "inner_steps": 2, "window": 2},)
-    + tuple({"depth": 32, "width": 1, "batch": 100, "k": k} for k in (5, 10)),
+    + tuple({"depth": 32, "width": 1, "batch": 100, "k": k} for k in (5, 10))
+    + tuple({"depth": 8, "width": w, "batch": 4} for w in (4, 8)),
     quick_configs=({"depth": 8, "width": 1, "batch": 8},),
     description="Meta-Weight-Net iteration (virtual/EvoGrad meta step + actual step), ResNet at CIFAR shapes")
 def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:
@@ -46,6 +54,10 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     model = CifarResNet(classes, config["depth"], config["width"], config.get("channels", 3),
                         config.get("base_channels", 16)).to(device)
     vnet = VNet().to(device)
+    if config.get("fsdp"):  # common.bench --fsdp: shard the ResNet as label_noise_mwn.train --fsdp does
+        if estimator_of(method) is not None:
+            check_fsdp_estimator(estimator_of(method))
+        shard_model(model, list(model.layers))
     model_opt, vnet_opt = make_optimizers(model, vnet, 0.1, 0.9, True, 5e-4, 1e-3, 0.9, 5e-4)
     options = {"inner_lr": 0.1, "inner_steps": 1, "n_candidates": config.get("k", 2), "sigma": 1e-3,
                "temperature": 0.05, "noise": "sign", "generator": torch.Generator().manual_seed(1), "cg_iters": 10,

@@ -577,3 +577,33 @@ def test_metaxl_fsdp_run_equals_the_data_parallel_run(tmp_path):
     evograd = json.loads(next(fsdp.glob("*_metaxl_evograd_seed3.json")).read_text())
     assert math.isfinite(evograd["metrics"]["history"][0]["train_loss"])
     assert whole_checkpoint(fsdp, "*_metaxl_evograd_seed3.pt")["rtn"] != {}
+
+
+# ---------------------------------------------------------------------------------------------
+# common.bench --nproc 2 --fsdp
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_fsdp_rows_replicated_and_sharded(tmp_path, capsys):
+    """Each method runs replicated and sharded under torchrun; a method without a sharded estimator is refused
+    by the benchmark's make_step (checked in this process); --fsdp without --nproc is a one-line error."""
+    import json
+
+    from common import bench
+    from common.runtime import run_cli
+
+    out = tmp_path / "bench.json"
+    bench.main(["label_noise_mwn", "--quick", "--nproc", "2", "--fsdp", "--methods", "baseline", "--reps", "1",
+                "--warmup", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["sharded"], r["processes"], r["batch_per_rank"]) for r in rows] == [
+        ("baseline", False, 2, 4), ("baseline, sharded", True, 2, 4)], rows
+    assert all(r["time_s"] > 0 and r["peak_mem_mb"] == max(r["peak_mem_mb_per_rank"]) for r in rows)
+    assert "| baseline, sharded | 2 | 4 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="second_order cannot run on an FSDP-sharded model"):
+        bench.discover()["label_noise_mwn"].make_step("mwn_second_order", {"depth": 8, "width": 1, "batch": 4,
+                                                                          "fsdp": True}, torch.device("cpu"))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(bench.main, ["label_noise_mwn", "--quick", "--fsdp"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines == ["error: --fsdp shards the model over processes: give their numbers "
+                                              "with --nproc (e.g. --nproc 2)"], lines
