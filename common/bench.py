@@ -179,8 +179,8 @@ def data_parallel_worker(name: str, config: dict, method: str, device: torch.dev
     """
     with distributed.process_group(device) as device:
         n = distributed.world_size()
-        step = under_precision(discover()[name].make_step(method, {**config, "batch": config["batch"] // n}, device),
-                               amp, device)
+        raw_step = discover()[name].make_step(method, {**config, "batch": config["batch"] // n}, device)
+        step = under_precision(raw_step, amp, device)
         meter = EfficiencyMeter(device, warmup=warmup)
         for _ in range(warmup + reps):
             distributed.barrier()
@@ -194,7 +194,9 @@ def data_parallel_worker(name: str, config: dict, method: str, device: torch.dev
             torch.distributed.all_gather_object(ranks, mine)
         if not distributed.is_main_process():
             return None
-        return {"processes": n, "batch_per_rank": config["batch"] // n, "time_s": meter.summary()["meta_step_s"],
+        return {"processes": n, "batch_per_rank": config["batch"] // n,
+                # the whole model's parameter count, where make_step's closure gives it (``step.parameters``)
+                "parameters": getattr(raw_step, "parameters", None), "time_s": meter.summary()["meta_step_s"],
                 "time_std_s": statistics.stdev(meter.times) if len(meter.times) > 1 else 0.0,
                 "peak_mem_mb_per_rank": [r["peak_mem_mb"] for r in ranks],
                 "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks]}

@@ -54,6 +54,7 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
     model = CifarResNet(classes, config["depth"], config["width"], config.get("channels", 3),
                         config.get("base_channels", 16)).to(device)
     vnet = VNet().to(device)
+    parameters = sum(p.numel() for p in model.parameters())
     if config.get("fsdp"):  # common.bench --fsdp: shard the ResNet as label_noise_mwn.train --fsdp does
         if estimator_of(method) is not None:
             check_fsdp_estimator(estimator_of(method))
@@ -65,4 +66,5 @@ def make_step(method: str, config: dict, device: torch.device) -> Callable[[], N
 
     def step() -> None:
         train_iteration(method, model, vnet, model_opt, vnet_opt, x, y, meta_x, meta_y, options)
+    step.parameters = parameters  # the whole ResNet's, read by common.bench's data-parallel rows
     return step

@@ -16,9 +16,10 @@ sentences of the source, target and meta batches (``--batch_size`` stays global)
 is the whole batch's mean over labelled sub-tokens (``metaxl.model.token_loss``); the main model's
 gradients are averaged over ranks before clipping, the RTN's hypergradient is the whole batch's;
 dev and test sets are evaluated whole on every rank; only rank 0 prints, writes results, figures
-and checkpoints. ``--fsdp`` shards XLM-R over the ranks instead (FSDP2, ``common.fsdp``; the RTN
+and checkpoints. XLM-R has no BatchNorm (LayerNorm is per token), so there is no ``--sync-bn``.
+``--fsdp`` shards XLM-R over the ranks instead of replicating it (FSDP2, ``common.fsdp``; the RTN
 stays replicated); every rank then writes its shards of the checkpoint
-(``torch.distributed.checkpoint``), rank 0 the rest. XLM-R has no BatchNorm (LayerNorm is per token), so there is no ``--sync-bn``.
+(``torch.distributed.checkpoint``), rank 0 the rest.
 """
 from __future__ import annotations
 

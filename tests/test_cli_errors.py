@@ -111,7 +111,8 @@ CASES = [
     ("metaxl.train", ["--quick", "--methods", "metaxl_evograd", "--evograd_estimator", "evograd_batched"], 2,
      ["--evograd_estimator evograd_batched cannot run MetaXL", "dropout", "evograd_low_memory"]),
     ("metaxl.train", ["--quick", "--fsdp", "--methods", "metaxl"], 2,
-     ["--fsdp: metaxl with --metaxl_estimator second_order", "cannot run on an FSDP-sharded model", "finite_difference"]),
+     ["--fsdp: metaxl with --metaxl_estimator second_order", "cannot run on an FSDP-sharded model",
+      "finite_difference"]),
     ("metaxl.train", ["--quick", "--fsdp", "--methods", "metaxl_evograd", "--candidate_encoder", "shared"], 2,
      ["--fsdp runs metaxl_evograd's encoder for every candidate", "--candidate_encoder shared"]),
     ("metaxl.train", ["--quick", "--fsdp", "--methods", "joint_training"], 2,
@@ -120,6 +121,7 @@ CASES = [
      ["--train_size 999999 is more than the embedded generated data", "20000 or less", "--data-root"]),
     ("metaxl.candidate_study", ["--out", "{tmp}/garbage.pt/study.json"], 2, ["--out", "garbage.pt", "is a file"]),
     ("metaxl.candidate_study", ["--out", "{tmp}"], 2, ["--out", "is a folder", "pass a file name"]),
+    ("common.memory_model", ["{tmp}/no_such_bench.json"], 2, ["no_such_bench.json", "not a common.bench --out file"]),
     # --- the hypergradient study: shared flags it does not use
     ("common.hypergrad_study", ["--quick", "--seeds", "1", "2"], 2, ["one seed", "--seeds [1, 2]"]),
     ("common.hypergrad_study", ["--quick", "--resume", "--overwrite"], 2, ["--resume and --overwrite contradict"]),
@@ -150,7 +152,7 @@ CASES = [
 ]
 
 
-NO_OUT = ("common.report", "common.bench", "label_noise_mwn.eval")  # entry points without --out
+NO_OUT = ("common.report", "common.bench", "label_noise_mwn.eval", "common.memory_model")  # entry points without --out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 
 from common.runtime import DefaultsHelpFormatter
 
-CLIS = ["common.bench", "common.gpu_bench", "common.hypergrad_study", "common.precision_study",
+CLIS = ["common.bench", "common.gpu_bench", "common.hypergrad_study", "common.memory_model", "common.precision_study",
         "cross_domain_fewshot.train", "cross_domain_fewshot.eval", "cross_domain_fewshot.memory_fit",
         "illustration_1d.train", "illustration_1d.eval", "label_noise_mwn.train", "label_noise_mwn.eval",
         "metaxl.train", "metaxl.eval", "metaxl.candidate_study", "rotation.train", "rotation.eval"]

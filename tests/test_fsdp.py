@@ -607,3 +607,34 @@ def test_bench_fsdp_rows_replicated_and_sharded(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and lines == ["error: --fsdp shards the model over processes: give their numbers "
                                               "with --nproc (e.g. --nproc 2)"], lines
+
+
+def test_memory_model_arithmetic(tmp_path, capsys):
+    """α from two sizes (replicated: the slope; sharded: the slope × N), P_max = M·D/α sharded, M/α replicated."""
+    import json
+
+    from common.memory_model import bytes_per_parameter, capacity_table, largest_model, main
+
+    small, large = {"width": 1}, {"width": 2}
+    sizes = {json.dumps(small): 1_000_000, json.dumps(large): 3_000_000}
+    mb = 2**20
+
+    def row(method, sharded, config, bytes_):
+        return {"benchmark": "b", "method": method, "sharded": sharded, "processes": 2, "config": config,
+                "peak_total_mb": bytes_ / mb, "parameters": sizes[json.dumps(config)]}
+
+    rows = [row("so", False, small, 500 * mb), row("so", False, large, 500 * mb + 2_000_000 * 24),
+            row("evo, sharded", True, small, 400 * mb), row("evo, sharded", True, large, 400 * mb + 2_000_000 * 8),
+            {**row("so", False, small, 0), "peak_total_mb": None}]  # a failed row is skipped
+    alphas = bytes_per_parameter(rows, sizes)
+    assert alphas == pytest.approx({"so": 24.0, "evo, sharded": 16.0})
+    assert largest_model(16.0, 12e9, 8, sharded=True) == pytest.approx(6e9)
+    assert largest_model(24.0, 12e9, 8, sharded=False) == pytest.approx(5e8)
+    table = capacity_table(alphas, ["so", "evo, sharded"], memories_gb=(12,), devices=(1, 8))
+    assert table.splitlines()[2:] == ["| so | 24 | 500 M | 500 M |", "| evo, sharded | 16 | 750 M | 6,000 M |"]
+    with pytest.raises(ValueError, match="two model sizes"):
+        bytes_per_parameter(rows[:1], sizes)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows}))
+    main([str(path), "--benchmark", "b", "--methods", "so", "evo, sharded"])
+    assert "| evo, sharded | 16 |" in capsys.readouterr().out
