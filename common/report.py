@@ -30,6 +30,7 @@ import html
 import importlib
 import io
 import json
+import os
 import math
 import re
 import statistics
@@ -493,15 +494,16 @@ def report_sections(records: list[dict], paper: dict) -> list[tuple[str, list[Ta
 
 
 def build_report(records: list[dict], paper: dict, figures: Sequence[Path] = (), root: Path | None = None,
-                 skipped: Sequence[tuple[Path, str]] = ()) -> str:
-    """Markdown report of ``records`` (as from ``load_results``)."""
+                 skipped: Sequence[tuple[Path, str]] = (), link_prefix: str = "") -> str:
+    """Markdown report of ``records`` (as from ``load_results``); ``link_prefix`` leads from the
+    report's folder to the repository root (the headline rows link to the experiment pages)."""
     lines = ["# Results", "", f"{len(records)} runs. Mean ± sample std over seeds (n = number of seeds); every "
              "other logged scalar is in `diagnostics.csv`.", ""]
     if skipped:
         lines += ["**Skipped files** (not in any table):", ""]
         lines += [f"- `{path}`: {why}" for path, why in skipped] + [""]
     if any(r["experiment"] in SPECS for r in records):
-        lines += [headline_table(records, paper).markdown(), ""]
+        lines += [headline_table(records, paper, link_prefix).markdown(), ""]
     for title, tables in report_sections(records, paper):
         lines += [f"## {title}", ""] + [t.markdown() + "\n" for t in tables]
     if figures:
@@ -515,7 +517,7 @@ HTML_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line
 
 
 def build_html(records: list[dict], paper: dict, figures: Sequence[Path] = (),
-               skipped: Sequence[tuple[Path, str]] = ()) -> str:
+               skipped: Sequence[tuple[Path, str]] = (), link_prefix: str = "") -> str:
     """One self-contained page: the same tables, the figures inline (base64 PNG)."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EvoGrad reproduction: results</title>"
              f"<style>{HTML_STYLE}</style></head><body><h1>Results</h1>",
@@ -525,7 +527,7 @@ def build_html(records: list[dict], paper: dict, figures: Sequence[Path] = (),
         parts.append("<p><b>Skipped files</b> (not in any table):</p><ul>" + "".join(
             f"<li><code>{html.escape(str(p))}</code>: {html.escape(w)}</li>" for p, w in skipped) + "</ul>")
     if any(r["experiment"] in SPECS for r in records):
-        parts.append(headline_table(records, paper).html())
+        parts.append(headline_table(records, paper, link_prefix).html())
     for title, tables in report_sections(records, paper):
         parts.append(f"<h2>{html.escape(title)}</h2>" + "".join(t.html() for t in tables))
     if figures:
@@ -672,9 +674,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = deduplicate(records)
     figures = sorted(root.rglob("*.png"))
     paper = load_paper_numbers()
-    text = build_report(records, paper, figures, root, skipped)
+    link_prefix = Path(os.path.relpath(REPO_ROOT, out.parent.resolve())).as_posix() + "/"
+    text = build_report(records, paper, figures, root, skipped, link_prefix)
     out.write_text(text)
-    out.with_suffix(".html").write_text(build_html(records, paper, figures, skipped))
+    out.with_suffix(".html").write_text(build_html(records, paper, figures, skipped, link_prefix))
     out.with_name("diagnostics.csv").write_text(diagnostics_csv(records))
     # The tables live in the files; the terminal gets where they are.
     print(f"{len(records)} results files, {len({r.get('experiment') for r in records})} experiment(s)")

@@ -1,5 +1,6 @@
 """Results files, the report, the efficiency meter and the bench runner."""
 import json
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,8 @@ def test_report_lists_skipped_files_and_writes_html_and_csv(tmp_path):
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "**Skipped files**" in text and "broken.json" in text and "truncated JSON" in text
+    link = re.search(r"\]\(([^)]*label_noise_mwn/README\.md)\)", text)[1]   # the headline row's details
+    assert (tmp_path / "rep" / link).resolve().is_file(), link
     page = (tmp_path / "rep" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "broken.json" in page
     assert "src='data:image/png;base64," in page and "figure.png" not in page.split("<figcaption>")[0]
