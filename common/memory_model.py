@@ -65,14 +65,24 @@ def largest_model(alpha: float, memory_bytes: float, devices: int, sharded: bool
     return memory_bytes * (devices if sharded else 1) / alpha
 
 
+SHARDED = ", sharded"  # common.bench's label of a sharded row
+
+
 def capacity_table(alphas: Mapping[str, float], methods: Sequence[str],
                    memories_gb: Sequence[float] = MEMORIES_GB, devices: Sequence[int] = DEVICES) -> str:
-    """Markdown: for each method, α and P_max (millions of parameters) per device memory and device count."""
+    """Markdown: for each method, α and P_max (millions of parameters) per device memory and device count.
+
+    A sharded method on 1 device is its replicated run (nothing to shard over): that cell uses the
+    replicated row's α, or shows "—" without one. An α measured under N ranks charges every device
+    N/D times the memory that does not shrink with D, so P_max is not extrapolated to D = 1 from it.
+    """
     head = [f"{m:g} GB × {d}" for m in memories_gb for d in devices]
     lines = ["| method | bytes / parameter (α) | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
     for method in methods:
-        alpha, sharded = alphas[method], method.endswith(", sharded")
-        cells = [f"{largest_model(alpha, m * GB, d, sharded) / 1e6:,.0f} M" for m in memories_gb for d in devices]
+        alpha, sharded = alphas[method], method.endswith(SHARDED)
+        alone = alphas.get(method[:-len(SHARDED)]) if sharded else alpha
+        cells = [("—" if alone is None else f"{largest_model(alone, m * GB, 1, False) / 1e6:,.0f} M") if d == 1 else
+                 f"{largest_model(alpha, m * GB, d, sharded) / 1e6:,.0f} M" for m in memories_gb for d in devices]
         lines.append(f"| {method} | {alpha:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

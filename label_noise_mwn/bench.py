@@ -18,10 +18,12 @@ the K candidate passes as one ``torch.func.vmap``:
     python -m common.bench label_noise_mwn --config 3 --methods mwn_second_order mwn_evograd cg neumann sama
     python -m common.bench label_noise_mwn --config 0 4 5 --methods mwn_second_order mwn_evograd evograd_batched
 
-Configs 6 and 7 (ResNet-8 at widths 4 and 8, a global batch of 4) are for ``--nproc 2 --fsdp``:
-small batches, so that the parameters, not the activations, dominate the memory:
+Configs 6-9 (ResNet-8, then ResNet-32, at widths 4 and 8, a global batch of 4) are for
+``--nproc 2 --fsdp``: small batches, so that the parameters, not the activations, dominate the
+memory. ResNet-8 has one block per stage, so its last block, gathered whole while it runs, holds
+most of θ; ResNet-32 has five:
 
-    python -m common.bench label_noise_mwn --config 6 7 --nproc 2 --fsdp \
+    python -m common.bench label_noise_mwn --config 8 9 --nproc 2 --fsdp \
         --methods baseline mwn_evograd finite_difference sama mwn_second_order
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from label_noise_mwn.mwn import PAPER_METHODS, estimator_of, make_optimizers, me
     configs=tuple({"depth": 32, "width": w, "batch": 100} for w in (1, 2, 4))
     + ({"depth": 8, "width": 1, "base_channels": 16, "channels": 1, "batch": 100, "inner_steps": 2, "window": 2},)
     + tuple({"depth": 32, "width": 1, "batch": 100, "k": k} for k in (5, 10))
-    + tuple({"depth": 8, "width": w, "batch": 4} for w in (4, 8)),
+    + tuple({"depth": d, "width": w, "batch": 4} for d in (8, 32) for w in (4, 8)),
     quick_configs=({"depth": 8, "width": 1, "batch": 8},),
     description="Meta-Weight-Net iteration (virtual/EvoGrad meta step + actual step), ResNet at CIFAR shapes")
 def make_step(method: str, config: dict, device: torch.device) -> Callable[[], None]:

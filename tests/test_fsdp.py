@@ -631,7 +631,10 @@ def test_memory_model_arithmetic(tmp_path, capsys):
     assert largest_model(16.0, 12e9, 8, sharded=True) == pytest.approx(6e9)
     assert largest_model(24.0, 12e9, 8, sharded=False) == pytest.approx(5e8)
     table = capacity_table(alphas, ["so", "evo, sharded"], memories_gb=(12,), devices=(1, 8))
-    assert table.splitlines()[2:] == ["| so | 24 | 500 M | 500 M |", "| evo, sharded | 16 | 750 M | 6,000 M |"]
+    assert table.splitlines()[2:] == ["| so | 24 | 500 M | 500 M |", "| evo, sharded | 16 | — | 6,000 M |"]
+    alphas["evo"] = 12.0  # the replicated row of the same method: the sharded method's 1-device cell
+    assert capacity_table(alphas, ["evo, sharded"], memories_gb=(12,), devices=(1,)).splitlines()[2] == \
+        "| evo, sharded | 16 | 1,000 M |"
     with pytest.raises(ValueError, match="two model sizes"):
         bytes_per_parameter(rows[:1], sizes)
     path = tmp_path / "bench.json"
