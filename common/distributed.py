@@ -424,6 +424,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rng_states_of_every_rank() -> list[Tensor]:
+    """Every rank's ``torch.get_rng_state()`` in rank order, on every rank (collective; [own] without a group).
+
+    Ranks draw different amounts of randomness (dropout over shards of different sizes), so a
+    resumed run must give each rank its own state back, not rank 0's.
+    """
+    state = torch.get_rng_state()
+    if not is_distributed():
+        return [state]
+    states: list[Tensor | None] = [None] * world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
 def shard(batch: Tensor, dim: int = 0) -> Tensor:
     """This rank's contiguous share of a global batch along ``dim`` (the whole batch without a process group).
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common.distributed import (barrier, is_main_process, mean_over_ranks, on_every_rank, process_group, shard,
-                                world_size)
+from common.distributed import (barrier, is_main_process, mean_over_ranks, on_every_rank, process_group, rank,
+                                rng_states_of_every_rank, shard, world_size)
 from common.fsdp import check_fsdp_estimator, load_sharded_checkpoint, save_sharded_checkpoint, shard_model
 from common.hypergrad import ESTIMATORS
 from common.plotting import save_figure
@@ -248,7 +248,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         restore_states(ckpt, {**stateful, **({"model": None, "optimizer": None} if args.fsdp else {})}, ckpt_path)
         precision.load_state_dict(ckpt.get("amp_scaler", {}))  # fp16's gradient scale (none: older checkpoints)
         generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        # this rank's own state (checkpoints written before every rank's was kept: rank 0's)
+        torch.set_rng_state(ckpt.get("torch_rng_per_rank", [ckpt["torch_rng"]] * world_size())[rank()])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         log(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
@@ -288,7 +289,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         replicated = {
             **{name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()
                if not (args.fsdp and name in ("model", "optimizer"))},
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "torch_rng_per_rank": rng_states_of_every_rank(), "history": history,
             "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab,
             "model_config": model.config.to_dict(), "method": method, "seed": seed, "setting": setting,
             "target": data["lang"]}

@@ -421,17 +421,18 @@ def test_mwn_fsdp_refusals_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))
 
 
-def torchrun(module: str, argv, out):
-    """``torchrun --nproc_per_node 2 -m <module> <argv> --out <out>``, started (Popen)."""
+def torchrun(module: str, argv, out, **popen):
+    """``torchrun --nproc_per_node 2 -m <module> <argv> --out <out>``, started (Popen; ``popen`` overrides its
+    keyword arguments, e.g. to discard the output)."""
     import subprocess
     import sys
     from pathlib import Path
 
     env = {**os.environ, "EVOGRAD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         "-m", module, *argv, "--out", str(out)],
-        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    options = {"cwd": Path(__file__).resolve().parent.parent, "env": env, "stdout": subprocess.PIPE,
+               "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(WORLD), "-m", module, *argv, "--out", str(out)], **options)
 
 
 def torchrun_mwn(out, *flags: str):
@@ -440,13 +441,13 @@ def torchrun_mwn(out, *flags: str):
 
 
 def finish(*runs, code: int = 0) -> list[str]:
-    """Each run's stderr once it has ended with exit status ``code``."""
-    errs = []
+    """Each run's stdout and stderr (one string) once it has ended with exit status ``code``."""
+    outputs = []
     for run in runs:
-        _, err = run.communicate(timeout=300)
+        out, err = run.communicate(timeout=300)
         assert run.returncode == code, err[-3000:]
-        errs.append(err)
-    return errs
+        outputs.append(out + err)
+    return outputs
 
 
 def whole_checkpoint(out, pattern: str = "*.pt") -> dict:
@@ -641,3 +642,37 @@ def test_memory_model_arithmetic(tmp_path, capsys):
     path.write_text(json.dumps({"rows": rows}))
     main([str(path), "--benchmark", "b", "--methods", "so", "evo, sharded"])
     assert "| evo, sharded | 16 |" in capsys.readouterr().out
+
+
+def test_metaxl_fsdp_stopped_after_its_first_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    """A 2-epoch --fsdp run stopped (SIGTERM, which torchrun passes on) once its first sharded checkpoint is
+    committed, then --resume'd: its history and final XLM-R and RTN bit-identical to an uninterrupted run
+    (--epochs cannot grow here: MetaXL's learning-rate schedule spans all epochs)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    argv = [*METAXL, "--methods", "metaxl", "--epochs", "2", "--train_size", "48", "--fsdp"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    uninterrupted = torchrun("metaxl.train", argv, whole)
+    run = torchrun("metaxl.train", argv, stopped, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   start_new_session=True)  # its own process group, for the SIGTERM below
+    deadline = time.monotonic() + 240
+    try:
+        while not list((stopped / "checkpoints").glob("*.pt")):
+            assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=120)
+    finish(uninterrupted)
+    time.sleep(1)  # no worker may survive torchrun to write results
+    assert not list(stopped.glob("*.json")), "stopped too late: the run had finished"
+    (output,) = finish(torchrun("metaxl.train", [*argv, "--resume"], stopped))
+    assert output.count("after epoch 1") == 1, output[-2000:]  # rank 0 alone says so
+    want, got = (json.loads(next(out.glob("*.json")).read_text())["metrics"]["history"] for out in (whole, stopped))
+    assert got == want
+    want, got = (whole_checkpoint(out) for out in (whole, stopped))
+    for part in ("model", "rtn"):
+        assert all(torch.equal(got[part][k], v) for k, v in want[part].items()), part
