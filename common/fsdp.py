@@ -693,7 +693,8 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch
     path, root = Path(path), shards_folder(path)
     # rank 0's random suffix: a folder never has the name of one that the current checkpoint names
     name = [f"{tag}-{uuid.uuid4().hex[:8]}"]
-    dist.broadcast_object_list(name, src=0)
+    if is_distributed():
+        dist.broadcast_object_list(name, src=0)
     name = name[0]
     partial, final = root / f".{name}.tmp", root / name
     model_state, optimizer_state = get_state_dict(model, optimizer)

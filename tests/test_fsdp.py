@@ -676,3 +676,45 @@ def test_metaxl_fsdp_stopped_after_its_first_checkpoint_resumes_to_the_uninterru
     want, got = (whole_checkpoint(out) for out in (whole, stopped))
     for part in ("model", "rtn"):
         assert all(torch.equal(got[part][k], v) for k, v in want[part].items()), part
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_sharded_checkpoint_commit_protocol_in_one_process(tmp_path):
+    """save_sharded_checkpoint / load_sharded_checkpoint without a process group (one process's "shards"):
+    the .pt names the committed folder, older folders and a killed save's .tmp folder go, the state comes
+    back exactly; a changed setting and a missing folder are refused naming the fix."""
+    import shutil
+
+    from common.fsdp import load_sharded_checkpoint, save_sharded_checkpoint, shards_folder
+    from common.results import RunFileError
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer
+
+    model, optimizer = model_and_optimizer()
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "run.pt"
+    save_sharded_checkpoint(path, model, optimizer, {"epoch": 1}, {"lr": 0.1}, tag="epoch1")
+    (shards_folder(path) / ".epoch2-deadbeef.tmp").mkdir()  # left by a killed save
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_sharded_checkpoint(path, model, optimizer, {"epoch": 2}, {"lr": 0.1}, tag="epoch2")
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 2 and [p.name for p in shards_folder(path).iterdir()] == [state["shards"]]
+    assert state["shards"].startswith("epoch2-")
+
+    fresh, fresh_optimizer = model_and_optimizer()
+    assert load_sharded_checkpoint(path, {"lr": 0.1}, fresh, fresh_optimizer)["epoch"] == 2
+    assert torch.equal(fresh.weight, model.weight)
+    momentum = [fresh_optimizer.state[p]["momentum_buffer"] for p in fresh.parameters()]
+    assert all(torch.equal(m, optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, model.parameters()))
+    with pytest.raises(RunFileError, match=r"other settings: lr \(0.1 -> 0.2\)"):
+        load_sharded_checkpoint(path, {"lr": 0.2}, *model_and_optimizer())
+    shutil.rmtree(shards_folder(path) / state["shards"])
+    with pytest.raises(RunFileError, match="is gone: delete it"):
+        load_sharded_checkpoint(path, {"lr": 0.1}, *model_and_optimizer())
+    assert load_sharded_checkpoint(tmp_path / "none.pt", {"lr": 0.1}, *model_and_optimizer()) is None
