@@ -53,6 +53,11 @@ The finite-difference and SAMA estimators (``common.estimators``, ``common.impli
 pattern for their steps θ ± εv: v is sharded like θ, the shard is perturbed in place and restored
 from the saved copy. The estimators that backpropagate through a backward pass (second_order,
 unrolled, multistep, cg, neumann) are refused (``check_fsdp_estimator``).
+
+Checkpoints (``save_sharded_checkpoint``, ``load_sharded_checkpoint``): every rank writes and reads
+its own shards of the model and of its optimiser's state with ``torch.distributed.checkpoint``;
+rank 0's ``<name>.pt`` holds the replicated rest and names the shards' folder, so replacing it is
+the commit point. ``gathered_checkpoint`` reads one back whole in a single process.
 """
 from __future__ import annotations
 
