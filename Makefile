@@ -42,5 +42,11 @@ clean:   # runs/ (the committed results) is kept
 # One CUDA GPU: every paper-shape benchmark, methods side by side (common/gpu_bench.py); writes
 # $(RESULTS)/gpu_bench/gpu_bench.json and gpu_bench.md. GPU_BENCH_ARGS="--budget-s 300" for less time.
 GPU_BENCH_ARGS ?= --budget-s 480
+# With two or more CUDA devices it then adds the sharded (FSDP2) rows: MWN's ResNet-32 widths 4 and 8,
+# each method replicated and sharded over 2 processes (nccl), into $(RESULTS)/gpu_bench/fsdp.json.
+FSDP_BENCH_ARGS ?= label_noise_mwn --config 8 9 --methods baseline mwn_evograd finite_difference sama mwn_second_order
 gpu-bench: setup
 	$(PYTHON) -m common.gpu_bench --device cuda $(GPU_BENCH_ARGS) --out $(RESULTS)/gpu_bench
+	@if [ "$$($(PYTHON) -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
+	  $(PYTHON) -m common.bench $(FSDP_BENCH_ARGS) --device cuda --nproc 2 --fsdp --out $(RESULTS)/gpu_bench/fsdp.json; \
+	else echo "FSDP rows skipped: they need 2 or more CUDA devices, this machine has fewer"; fi
