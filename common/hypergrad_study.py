@@ -542,7 +542,8 @@ def _figure_legend(fig, axes, y: float) -> None:
                fontsize=8, frameon=False)
 
 
-def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Path]:
+def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path,
+                          formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Every problem: cosine with the reference against time (left) and peak memory (right).
 
     One colour and marker per estimator family, a family's settings joined in order of cost, text
@@ -560,7 +561,7 @@ def plot_fidelity_vs_cost(rows_by_problem: dict[str, list[dict]], stem: Path) ->
         ax_time.set_ylabel("cosine with reference")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / (3.3 * n + 1.2)))
     _figure_legend(fig, axes.flatten(), 1.0)
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
 def summary_problems(rows_by_problem: dict[str, list[dict]]) -> dict[str, str]:
@@ -578,7 +579,16 @@ def summary_problems(rows_by_problem: dict[str, list[dict]]) -> dict[str, str]:
     return {k: chosen[k][1] for k in sorted(chosen, key=lambda k: order.index(k) if k in order else 9)}
 
 
-def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Path]:
+def draw_figures(rows_by_problem: dict[str, list[dict]], folder: Path, prefix: str = "",
+                 formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """The study's two figures, ``<prefix>fidelity_vs_cost`` and ``<prefix>fidelity_vs_time_summary``, in ``folder``."""
+    folder = Path(folder)
+    return (plot_fidelity_vs_cost(rows_by_problem, folder / f"{prefix}fidelity_vs_cost", formats)
+            + plot_summary(rows_by_problem, folder / f"{prefix}fidelity_vs_time_summary", formats))
+
+
+def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path,
+                 formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """One row: cosine against time for one problem per kind of hyperparameter, main families only."""
     from common.plotting import plt, save_figure
     picks = summary_problems(rows_by_problem)
@@ -589,7 +599,7 @@ def plot_summary(rows_by_problem: dict[str, list[dict]], stem: Path) -> list[Pat
     axes[0][0].set_ylabel("cosine with reference")
     fig.tight_layout(rect=(0, 0, 1, 0.85))
     _figure_legend(fig, axes[0], 1.0)
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
 def load_rows(paths: Sequence[Path]) -> dict[str, list[dict]]:
@@ -634,10 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise CLIError(f"the study runs one seed (its draws are the repetitions); got --seeds {args.seeds}: "
                        "pass one --seed")
     if args.from_json:
-        rows_by_problem = load_rows(args.from_json)
-        out = Path(args.out)
-        figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
-        figures += plot_summary(rows_by_problem, out / "fidelity_vs_time_summary")
+        figures = draw_figures(load_rows(args.from_json), Path(args.out))
         print(f"wrote {', '.join(map(str, figures))}")
         return
     problems = discover_problems()
@@ -677,8 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_json(out / "study.json", {"rows": [r for rows in rows_by_problem.values() for r in rows],
                                            "argv": list(argv if argv is not None else sys.argv[1:])})
     (out / "study.md").write_text("\n".join(tables))
-    figures = plot_fidelity_vs_cost(rows_by_problem, out / "fidelity_vs_cost")
-    figures += plot_summary(rows_by_problem, out / "fidelity_vs_time_summary")
+    figures = draw_figures(rows_by_problem, out)
     print(f"wrote {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, figures))}")
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.results import check_writable_dir, load_results
+from common.results import check_writable_dir, load_results, skipped_markdown
 from common.runtime import CLIError, run_cli
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.json")
@@ -499,9 +499,7 @@ def build_report(records: list[dict], paper: dict, figures: Sequence[Path] = (),
     report's folder to the repository root (the headline rows link to the experiment pages)."""
     lines = ["# Results", "", f"{len(records)} runs. Mean ± sample std over seeds (n = number of seeds); every "
              "other logged scalar is in `diagnostics.csv`.", ""]
-    if skipped:
-        lines += ["**Skipped files** (not in any table):", ""]
-        lines += [f"- `{path}`: {why}" for path, why in skipped] + [""]
+    lines += skipped_markdown(skipped, "**Skipped files** (not in any table):")
     if any(r["experiment"] in SPECS for r in records):
         lines += [headline_table(records, paper, link_prefix).markdown(), ""]
     for title, tables in report_sections(records, paper):
@@ -614,17 +612,13 @@ def draw_doc_figures(root: Path = REPO_ROOT) -> list[Path]:
     for experiment, folder in DOC_FIGURES:
         records = _records([folder], root)
         draw = importlib.import_module(f"{experiment}.eval").headline_figure
-        written += draw(records, root / "docs" / "figures" / f"{experiment}_headline")
+        written += draw(records, root / "docs" / "figures" / f"{experiment}_headline", formats=("png",))
     study_json = root / STUDY_FIGURES
     if study_json.is_file():   # the estimator study's two figures, from its committed study.json
         hypergrad_study = importlib.import_module("common.hypergrad_study")
-        rows_by_problem = hypergrad_study.load_rows([study_json])
-        figures = root / "docs" / "figures"
-        written += hypergrad_study.plot_fidelity_vs_cost(rows_by_problem, figures / "hypergrad_fidelity_vs_cost")
-        written += hypergrad_study.plot_summary(rows_by_problem, figures / "hypergrad_fidelity_vs_time_summary")
-    for path in [p for p in written if p.suffix != ".png"]:   # the docs show PNGs; PDFs stay with the runs
-        path.unlink()
-    return [p for p in written if p.suffix == ".png"]
+        written += hypergrad_study.draw_figures(hypergrad_study.load_rows([study_json]), root / "docs" / "figures",
+                                                prefix="hypergrad_", formats=("png",))
+    return written   # the docs show PNGs; PDFs stay with the runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,13 @@ def load_results(folder: str | Path, skipped: list[tuple[Path, str]] | None = No
             record["_path"] = str(path)
             records.append(record)
     return records
+
+
+def skipped_markdown(skipped: Sequence[tuple[Path, str]], heading: str) -> list[str]:
+    """Markdown lines listing the files ``load_results`` skipped, under ``heading``; [] when none."""
+    if not skipped:
+        return []
+    return [heading, ""] + [f"- `{path}`: {why}" for path, why in skipped] + [""]
 
 
 RESULTS_TYPES = {"experiment": str, "method": str, "seed": int, "config": dict, "metrics": dict, "efficiency": dict}

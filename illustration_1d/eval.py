@@ -32,15 +32,16 @@ def plot_all(results_file: str | Path, out_dir: str | Path) -> list[Path]:
     return [plot_hypergradients(curves, out / "hypergradients")[0], plot_trajectories(curves, paths, out / "trajectories")[0]]
 
 
-def headline_figure(records: list[dict], stem: Path) -> list[Path]:
+def headline_figure(records: list[dict], stem: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Figure 1 of the first run in ``records`` at ``stem`` and its Figure 2 at ``<stem>_trajectories``."""
     metrics = records[0]["metrics"]
     stem = Path(stem)
-    return (plot_hypergradients(metrics["curves"], stem)
-            + plot_trajectories(metrics["curves"], metrics["trajectories"], stem.with_name(stem.name + "_trajectories")))
+    return (plot_hypergradients(metrics["curves"], stem, formats)
+            + plot_trajectories(metrics["curves"], metrics["trajectories"], stem.with_name(stem.name + "_trajectories"),
+                                formats))
 
 
-def plot_hypergradients(curves: dict, stem: Path) -> list[Path]:
+def plot_hypergradients(curves: dict, stem: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Figure 1: EvoGrad's mean ± std over trials against the ground truth, one panel per K."""
     ks = list(curves["per_k"])
     lam, truth = np.array(curves["lambda"]), np.array(curves["truth"])
@@ -55,10 +56,10 @@ def plot_hypergradients(curves: dict, stem: Path) -> list[Path]:
         ax.set_xlabel("λ")
     axes[0][0].set_ylabel("dL_val / dλ")
     axes[0][0].legend(fontsize=8)
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
-def plot_trajectories(curves: dict, paths: dict, stem: Path) -> list[Path]:
+def plot_trajectories(curves: dict, paths: dict, stem: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Figure 2: (x, λ) trajectories from five starts over the validation loss, one panel per K."""
     ks = list(curves["per_k"])
     x_grid = np.linspace(-2, 2, 200)
@@ -76,7 +77,7 @@ def plot_trajectories(curves: dict, paths: dict, stem: Path) -> list[Path]:
         ax.set_title(f"K = {k}: EvoGrad (solid) vs ground truth (dashed)", fontsize=9)
         ax.set_xlabel("x")
     axes[0][0].set_ylabel("λ")
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

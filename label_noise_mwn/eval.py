@@ -47,14 +47,14 @@ def draw_test_acc(ax: "plt.Axes", records: list[dict]) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(methods), 2), frameon=False)
 
 
-def headline_figure(records: list[dict], stem: Path) -> list[Path]:
-    """Test accuracy against epoch of every run in ``records``, one panel per setting; PNG + PDF at ``stem``."""
+def headline_figure(records: list[dict], stem: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Test accuracy against epoch of every run in ``records``, one panel per setting; at ``stem`` in ``formats``."""
     settings = sorted({r["setting"] for r in records})
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         draw_test_acc(ax, [r for r in records if r["setting"] == setting])
         ax.set_title(f"label_noise_mwn: {setting}")
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
 def evaluate(checkpoint: str | Path, data_root: str | None = None, device: str = "auto") -> dict:

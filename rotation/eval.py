@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from common.plotting import save_figure
-from common.results import load_results
+from common.results import load_results, skipped_markdown
 from common.runtime import CLIError, DefaultsHelpFormatter, run_cli
 from rotation.model import LeNet, n_parameters
 
@@ -66,7 +66,8 @@ def summary_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_angles(runs: list[dict], stem: str | Path, legend_below: bool = False) -> list[Path]:
+def plot_angles(runs: list[dict], stem: str | Path, legend_below: bool = False,
+                formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Learned angle (degrees) against iterations, one line per seed, one panel per method; with
     ``legend_below`` each panel's legend goes under its axes, clear of the curves."""
     by_method: dict[str, list[dict]] = defaultdict(list)
@@ -87,14 +88,15 @@ def plot_angles(runs: list[dict], stem: str | Path, legend_below: bool = False) 
         else:
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("learned angle (°)")
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, formats)
 
 
-def headline_figure(records: list[dict], stem: Path) -> list[Path]:
+def headline_figure(records: list[dict], stem: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """The learned angle over iterations for every seed of each method in ``records`` (results records
     as from ``common.results.load_results``; runs without angles, the baseline's, are left out);
-    PNG + PDF at ``stem``."""
-    return plot_angles([r for r in records if r.get("experiment") == EXPERIMENT], stem, legend_below=True)
+    at ``stem`` in ``formats``."""
+    return plot_angles([r for r in records if r.get("experiment") == EXPERIMENT], stem, legend_below=True,
+                       formats=formats)
 
 
 def summarise(folder: str | Path, setting: str | None = None) -> str:
@@ -105,7 +107,7 @@ def summarise(folder: str | Path, setting: str | None = None) -> str:
         raise CLIError(f"no rotation results{f' of setting {setting}' if setting else ''} in {folder}")
     table = summary_table(runs)
     if skipped:   # a run that could not be read must not vanish from the table unnoticed
-        table += "\n\nSkipped files (not in the table):\n" + "\n".join(f"- `{path}`: {why}" for path, why in skipped)
+        table += "\n\n" + "\n".join(skipped_markdown(skipped, "Skipped files (not in the table):")).rstrip()
     name = f"rotation_{setting}" if setting else "rotation"
     (Path(folder) / f"{name}_table.md").write_text(table + "\n")
     for path in plot_angles(runs, Path(folder) / f"{name}_angles"):
