@@ -28,10 +28,15 @@ parameters of a submodule left out of sharding with ``shard_model(..., ignored_p
 gradient is averaged over ranks, identical on every rank.
 
 Memory per rank (|θ| parameter elements, N ranks, K candidates, |λ| hyperparameter elements):
-one copy of the rank's shard (|θ|/N, for the exact restore), the sharded gradient of the
-validation backward (|θ|/N), one parameter's noise at a time (its shard plus int64 temporaries
-of the same element count), K·|λ| for the candidates' gradients into λ, one loss graph at a time,
-the parameters FSDP gathers for the block that is running, and a copy of the model's buffers.
+one copy of the rank's shard (|θ|/N, for the exact restore); of the validation backward's
+gradient, one FSDP group's shards at a time (a hook dots each shard with ε_k as the
+reduce-scatter delivers it, then drops it: the whole sharded gradient, |θ|/N, is never held);
+one parameter's noise at a time (its shard, hashed in chunks of 2^18 elements); K·|λ| for the
+candidates' gradients into λ; one loss graph at a time; the parameters FSDP gathers for the
+block that is running, and their unsharded gradients during the backward; a copy of the
+model's buffers. Against a plain sharded training iteration, which holds the whole sharded
+gradient at the end of its backward, the extra is the saved shard less that gradient: about
+nothing.
 
 BatchNorm: the passes run the module's own forward, so in training mode each normalises with its
 rank's batch statistics (as FSDP training does; the sharded hypergradient then legitimately
@@ -80,7 +85,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from common.distributed import barrier, is_distributed, is_main_process, mean_over_ranks, sum_over_ranks
-from common.evograd import (NOISE_KINDS, EvoGradOutput, _noise_dots, _prepare, candidate_weights,
+from common.evograd import (NOISE_KINDS, EvoGradOutput, _prepare, candidate_weights,
                             check_finite_losses, scalar_loss)
 from common.implicit import _accumulate, _check_number, optimizer_preconditioner
 from common.precision import full_precision
@@ -93,6 +98,7 @@ _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
+_NOISE_CHUNK = 1 << 18  # elements hashed at a time by element_noise
 
 
 def _as_int64(value: int) -> int:
@@ -153,15 +159,22 @@ def element_noise(seed: int, name: str, offset: int, numel: int, kind: str,
     if offset < 0 or numel < 0:
         raise ValueError(f"offset and numel must be >= 0, got {offset} and {numel}")
     key = tensor_key(seed, name)
-    bits = hashed_bits(key, offset, numel, device)
-    if kind == "sign":
-        return torch.where(bits < 0, -1.0, 1.0).to(dtype)
+    out = torch.empty(numel, dtype=dtype, device=device)
+    # in chunks: the hash's int64 (and Box–Muller's float64) temporaries stay a few MB for any tensor
+    for start in range(0, numel, _NOISE_CHUNK):
+        count = min(_NOISE_CHUNK, numel - start)
+        bits = hashed_bits(key, offset + start, count, device)
+        if kind == "sign":
+            out[start:start + count] = torch.where(bits < 0, -1.0, 1.0)
+            continue
+        other = hashed_bits(_mix_int(key ^ _GAMMA), offset + start, count, device)
+        out[start:start + count] = (-2 * _uniform(bits).log()).sqrt() * torch.cos(2 * math.pi * _uniform(other))
+    return out
 
-    def uniform(z: Tensor) -> Tensor:  # (0, 1], 53 bits
-        return (_shift_right(z, 11) + 1).to(torch.float64) * 2.0 ** -53
 
-    other = hashed_bits(_mix_int(key ^ _GAMMA), offset, numel, device)
-    return ((-2 * uniform(bits).log()).sqrt() * torch.cos(2 * math.pi * uniform(other))).to(dtype)
+def _uniform(z: Tensor) -> Tensor:
+    """(0, 1] from the top 53 bits of int64 hashes, in float64."""
+    return (_shift_right(z, 11) + 1).to(torch.float64) * 2.0 ** -53
 
 
 class IndexedNoise:
@@ -194,9 +207,12 @@ class IndexedNoise:
         like = list(like)
         if len(like) != len(self.names):
             raise ValueError(f"noise for {len(self.names)} tensors asked for {len(like)}")
-        return [element_noise(self.seeds[k], name, offset, ref.numel(), self.kind, ref.dtype, ref.device)
-                .mul_(self.sigma).view(ref.shape)
-                for ref, name, offset in zip(like, self.names, self.offsets)]
+        return [self.sample_one(k, j, ref) for j, ref in enumerate(like)]
+
+    def sample_one(self, k: int, j: int, like: Tensor) -> Tensor:
+        """ε_k of the j-th tensor alone (shape, dtype and device of ``like``): one tensor's noise in memory."""
+        return (element_noise(self.seeds[k], self.names[j], self.offsets[j], like.numel(), self.kind, like.dtype,
+                              like.device).mul_(self.sigma).view(like.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +403,50 @@ def _backward(model: nn.Module, loss: Tensor, theta: dict[str, Tensor],
     return theta_grads, hyper_grads
 
 
+def _shift_by_noise(theta: dict[str, Tensor], noise: IndexedNoise, like: Sequence[Tensor],
+                    terms: Sequence[tuple[int, Tensor | None]]) -> None:
+    """θ_shard += Σ_(k, c) c·ε_k (c None: 1), in place, one tensor's noise in memory at a time."""
+    with torch.no_grad():
+        for j, (local, ref) in enumerate(zip(_locals(theta), like)):
+            for k, scale in terms:
+                step = noise.sample_one(k, j, ref)
+                local.add_(step if scale is None else step.mul_(scale.to(step.dtype)))
+
+
+def _backward_noise_dots(model: nn.Module, loss: Tensor, theta: dict[str, Tensor], hyperparams: Sequence[Tensor],
+                         noise: IndexedNoise, like: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """([⟨∇_θ L, ε_k⟩ summed over ranks for k], rank-local ∂l_r/∂λ) from one backward, float64 [K].
+
+    ∇_θ L is never held whole: a hook on each parameter takes its gradient shard as soon as it is
+    accumulated (after FSDP's reduce-scatter), dots it with ε_k of that shard for every k, and
+    drops it, so memory holds one FSDP group's gradient shards at a time, not |θ|/N. The dots are
+    summed over tensors in θ's order, as ``common.evograd._noise_dots`` does.
+    """
+    per_tensor: list[Tensor | None] = [None] * len(theta)
+
+    def take(j: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            grad = local_shard(param.grad)[0].reshape(-1)
+            per_tensor[j] = torch.stack([torch.dot(grad, noise.sample_one(k, j, like[j]).reshape(-1))
+                                         .to(torch.float64) for k in range(len(noise))])
+            param.grad = None
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(take(j)) for j, p in enumerate(theta.values())]
+    try:
+        with full_precision():
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    _reshard(model)
+    direct = [torch.zeros_like(h) if h.grad is None else h.grad for h in hyperparams]
+    for t in [*theta.values(), *hyperparams]:
+        t.grad = None
+    zero = torch.zeros(len(noise), dtype=torch.float64, device=like[0].device)
+    return sum_over_ranks(sum((zero if d is None else d for d in per_tensor), zero)), direct
+
+
 def _mean_over_ranks_flat(tensors: Sequence[Tensor]) -> list[Tensor]:
     """(1/N) Σ_r t_r for every tensor, in one flat all-reduce."""
     flat = mean_over_ranks(torch.cat([t.detach().reshape(-1) for t in tensors]))
@@ -450,7 +510,7 @@ def sharded_evograd_hypergrad(
         local_losses, loss_grads = [], []  # loss_grads[k][i] = ∂l_{r,k}/∂λ_i, this rank's
         with frozen(theta.values()):
             for k in range(n_candidates):
-                _shift(theta, noise_spec.sample(k, saved))
+                _shift_by_noise(theta, noise_spec, saved, [(k, None)])
                 with full_precision(candidates_in_float32):
                     loss = scalar_loss(train_loss_fn(), f"train_loss_fn (candidate {k})")
                 with full_precision():
@@ -462,13 +522,13 @@ def sharded_evograd_hypergrad(
         losses = mean_over_ranks(torch.stack(local_losses))  # ℓ_k, one all-reduce of K
         weights = candidate_weights(losses, temperature)
 
-        with torch.no_grad():  # θ* = θ + Σ_k w_k ε_k, in _MergeCandidates' order of operations
-            for k in range(n_candidates):
-                _shift(theta, [e.mul_(weights[k].to(e.dtype)) for e in noise_spec.sample(k, saved)])
+        # θ* = θ + Σ_k w_k ε_k, in _MergeCandidates' order of operations (per element: + w_1 ε_1, + w_2 ε_2...)
+        _shift_by_noise(theta, noise_spec, saved, list(enumerate(weights)))
         val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
-        grad_merged, direct = _backward(model, val_loss, theta, hyperparams)
-        # d_k = ⟨∇_θ* L_val, ε_k⟩ summed over ranks (K numbers, not |θ|); the mean validation loss
-        dots = _noise_dots(grad_merged, noise_spec, saved).to(weights.dtype)
+        # d_k = ⟨∇_θ* L_val, ε_k⟩ summed over ranks (K numbers, not |θ|), each shard's gradient read and freed
+        # as FSDP's reduce-scatter delivers it
+        dots, direct = _backward_noise_dots(model, val_loss, theta, hyperparams, noise_spec, saved)
+        dots = dots.to(weights.dtype)
         val_mean = mean_over_ranks(val_loss.detach())
         check_finite_losses(torch.cat([losses, val_mean.reshape(1)]),
                             [f"train_loss_fn (candidate {k})" for k in range(n_candidates)] + ["val_loss_fn"])

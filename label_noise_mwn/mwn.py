@@ -146,6 +146,8 @@ def train_iteration(method: str, model: nn.Module, vnet: VNet, model_optimizer: 
     """Meta step (unless baseline) then actual step; returns losses and the raw VNet weights."""
     meta_loss = None
     if estimator_of(method) is not None:
+        # the last actual step's gradients are spent: freed here, not held beside the meta step's own
+        model_optimizer.zero_grad(set_to_none=True)
         meta_loss = meta_step(method, model, vnet, vnet_optimizer, x, y, meta_x, meta_y, options)
     train_loss, unweighted_loss, raw = actual_step(model, None if method == "baseline" else vnet, model_optimizer, x, y)
     return {"train_loss": train_loss, "unweighted_loss": unweighted_loss, "meta_loss": meta_loss, "weights": raw}

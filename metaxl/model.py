@@ -308,6 +308,7 @@ def train_iteration(method: str, model, rtn: nn.Module | None, optimizer, schedu
     meta_loss = float("nan")
     if method != "joint_training":
         meta_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # the last main update's gradients are spent: not held beside the meta step's
         if method == "metaxl":
             meta_loss = metaxl_meta_step(cfg.metaxl_estimator, model, rtn, source, target, meta, cfg.transfer_layer,
                                          inner_lr=scheduler.get_last_lr()[0], inner_steps=1)

@@ -185,6 +185,17 @@ def test_index_noise_has_the_law_of_its_kind_and_differs_by_seed_and_name():
     assert tensor_key(1, "w") != tensor_key(1, "v") != tensor_key(2, "v")
 
 
+def test_index_noise_does_not_depend_on_how_it_is_chunked():
+    """element_noise hashes 2^18 elements at a time: the values are those of the whole index range at once."""
+    n, offset = (1 << 18) + 1000, 12345
+    bits = hashed_bits(tensor_key(3, "w"), offset, n)
+    assert torch.equal(element_noise(3, "w", offset, n, "sign"), torch.where(bits < 0, -1.0, 1.0))
+    whole = element_noise(3, "w", offset, n, "gaussian", torch.float64)
+    pieces = [element_noise(3, "w", offset + a, b - a, "gaussian", torch.float64)
+              for a, b in ((0, 7), (7, 200_000), (200_000, n))]
+    assert torch.equal(whole, torch.cat(pieces))
+
+
 def test_index_noise_bad_input_raises():
     with pytest.raises(ValueError, match="noise must be one of"):
         element_noise(1, "w", 0, 3, "uniform")
@@ -207,6 +218,7 @@ def test_unsharded_model_matches_low_memory_evograd_and_is_restored():
         assert len(theta) == len(before) == 9 - (kind == "inside")
         assert all(torch.equal(a.detach(), b) for a, b in zip(theta, before)), "θ changed by the meta step"
         assert all(p.grad is None for p in theta), "θ's .grad must be left as it was"
+        assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in theta), "a gradient hook was left"
     # the stream noise gives another hypergradient: the index noise is what the match above pins
     model, lam = build("loss")
     params = {n: p.detach() for n, p in model.named_parameters()}
