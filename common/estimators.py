@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from common.distributed import data_parallel
-from common.evograd import check_finite_losses, check_scalar_loss, scalar_loss
+from common.evograd import check_finite_losses, check_hyperparams, check_scalar_loss, scalar_loss
 from common.second_order import check_inner_args
 
 Params = dict[str, Tensor]
@@ -97,9 +97,7 @@ def finite_difference_hypergrad(
     check_inner_args(params, inner_lr, 1)
     if not (isinstance(fd_epsilon, (int, float)) and math.isfinite(fd_epsilon) and fd_epsilon > 0):
         raise ValueError(f"fd_epsilon must be a finite number > 0, got {fd_epsilon!r}")
-    hyperparams = list(hyperparams)
-    if not hyperparams or not all(h.requires_grad for h in hyperparams):
-        raise ValueError("hyperparams must be a non-empty list of tensors with requires_grad=True")
+    hyperparams = check_hyperparams(hyperparams)
     names = list(params)
     theta = [params[n].detach() for n in names]
 

@@ -367,11 +367,7 @@ def evograd_hypergrad_low_memory(
         ValueError: as ``evograd_meta_loss``, or if ``hyperparams`` is empty or holds a tensor
             that does not require grad.
     """
-    hyperparams = list(hyperparams)
-    if not hyperparams:
-        raise ValueError("hyperparams is empty: pass the tensors that should receive hypergradients")
-    if not all(h.requires_grad for h in hyperparams):
-        raise ValueError("every tensor in hyperparams must have requires_grad=True")
+    hyperparams = check_hyperparams(hyperparams)
     base, noise_spec = _prepare(params, n_candidates, sigma, temperature, noise, generator, noise_device,
                                 noise_addressing)
 
@@ -508,6 +504,32 @@ def scalar_loss(loss: Tensor, what: str) -> Tensor:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"{what} must return a scalar tensor, got {shape}")
     return loss.reshape(())
+
+
+def check_hyperparams(hyperparams: Iterable[Tensor], leaf: bool = False) -> list[Tensor]:
+    """λ as a list, checked: non-empty, every entry a tensor with ``requires_grad=True`` (and, with
+    ``leaf``, a leaf: the sharded estimators read λ's ``.grad``).
+
+    Raises:
+        ValueError: one line naming the first entry at fault.
+    """
+    hyperparams = list(hyperparams)
+    kind = "leaf tensors" if leaf else "tensors"
+    if not hyperparams:
+        raise ValueError(f"hyperparams is empty: pass a non-empty list of {kind} with requires_grad=True, the "
+                         "tensors that receive hypergradients")
+    for i, h in enumerate(hyperparams):
+        if not isinstance(h, Tensor):
+            problem = f"is a {type(h).__name__}"
+        elif not h.requires_grad:
+            problem = "does not require grad"
+        elif leaf and not h.is_leaf:
+            problem = "is not a leaf"
+        else:
+            continue
+        raise ValueError(f"hyperparams must be a non-empty list of {kind} with requires_grad=True; "
+                         f"hyperparams[{i}] {problem}")
+    return hyperparams
 
 
 def check_finite_losses(losses: Tensor, whats: Sequence[str]) -> None:

@@ -85,7 +85,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from common.distributed import barrier, is_distributed, is_main_process, mean_over_ranks, sum_over_ranks
-from common.evograd import (NOISE_KINDS, EvoGradOutput, _prepare, candidate_weights,
+from common.evograd import (NOISE_KINDS, EvoGradOutput, _prepare, candidate_weights, check_hyperparams,
                             check_finite_losses, scalar_loss)
 from common.implicit import _accumulate, _check_number, optimizer_preconditioner
 from common.precision import full_precision
@@ -293,13 +293,6 @@ def _reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def _check_hyperparams(hyperparams: Sequence[Tensor]) -> list[Tensor]:
-    hyperparams = list(hyperparams)
-    if not hyperparams or not all(isinstance(h, Tensor) and h.requires_grad and h.is_leaf for h in hyperparams):
-        raise ValueError("hyperparams must be a non-empty list of leaf tensors with requires_grad=True")
-    return hyperparams
-
-
 def base_params(model: nn.Module, hyperparams: Sequence[Tensor]) -> dict[str, Tensor]:
     """θ: the model's parameters that require grad and are not hyperparameters, by name.
 
@@ -499,7 +492,7 @@ def sharded_evograd_hypergrad(
         ValueError: as ``evograd_hypergrad_low_memory``, for an unsupported placement
             (``local_shard``), or a model parameter left unsharded under a process group.
     """
-    hyperparams = _check_hyperparams(hyperparams)
+    hyperparams = check_hyperparams(hyperparams, leaf=True)
     theta = base_params(model, hyperparams)
     shards = [local_shard(p) for p in theta.values()]
     # the argument checks, and K seeds (rank 0's) for noise indexed by each shard's global offsets
@@ -585,7 +578,7 @@ def sharded_finite_difference_hypergrad(
     """
     _check_number("inner_lr", inner_lr, strictly_positive=True)
     _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
-    hyperparams = _check_hyperparams(hyperparams)
+    hyperparams = check_hyperparams(hyperparams, leaf=True)
     theta = base_params(model, hyperparams)
     with _meta_step(model, theta, hyperparams) as saved:
         train_loss = scalar_loss(train_loss_fn(), "train_loss_fn")
@@ -632,7 +625,7 @@ def sharded_sama_hypergrad(
         ValueError: as ``sama_hypergrad`` (see ``optimizer_preconditioner``), or bad hyperparams.
     """
     _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
-    hyperparams = _check_hyperparams(hyperparams)
+    hyperparams = check_hyperparams(hyperparams, leaf=True)
     theta = base_params(model, hyperparams)
     losses, whats = [], []
     with _meta_step(model, theta, hyperparams) as saved:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from common.estimators import _grads_or_zeros
-from common.evograd import check_finite_losses, scalar_loss
+from common.evograd import check_finite_losses, check_hyperparams, scalar_loss
 from common.precision import full_precision
 
 Params = dict[str, Tensor]
@@ -54,10 +54,7 @@ def _check_number(name: str, value, strictly_positive: bool) -> None:
 def _check_inputs(params: Mapping[str, Tensor], hyperparams: Sequence[Tensor]) -> list[Tensor]:
     if not isinstance(params, Mapping) or len(params) == 0:
         raise ValueError("params must be a non-empty dict of tensors")
-    hyperparams = list(hyperparams)
-    if not hyperparams or not all(h.requires_grad for h in hyperparams):
-        raise ValueError("hyperparams must be a non-empty list of tensors with requires_grad=True")
-    return hyperparams
+    return check_hyperparams(hyperparams)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.evograd import (CandidateNoise, candidate_weights, effective_inner_lr, evograd_hypergrad_low_memory,
-                            evograd_meta_loss, functional_forward, perturbable_params)
+from common.evograd import (CandidateNoise, candidate_weights, check_hyperparams, effective_inner_lr,
+                            evograd_hypergrad_low_memory, evograd_meta_loss, functional_forward, perturbable_params)
 from common.second_order import second_order_meta_loss
 from conftest import quadratic_problem
 
@@ -262,3 +262,31 @@ def test_invalid_arguments_raise_value_error():
         evograd_hypergrad_low_memory(p, [], train, val)
     with pytest.raises(ValueError, match="requires_grad"):
         evograd_hypergrad_low_memory(p, [torch.zeros(2)], train, val)
+
+
+def test_every_estimator_checks_hyperparams_alike():
+    """One check (common.evograd.check_hyperparams) for every estimator family: the entry at fault is named."""
+    from common.estimators import finite_difference_hypergrad
+    from common.fsdp import sharded_evograd_hypergrad
+    from common.implicit import implicit_hypergrad, sama_hypergrad
+
+    lam = torch.zeros(2, requires_grad=True)
+    assert check_hyperparams((lam,)) == [lam]
+    with pytest.raises(ValueError, match=r"^hyperparams is empty: pass a non-empty list of tensors"):
+        check_hyperparams([])
+    with pytest.raises(ValueError, match=r"hyperparams\[1\] does not require grad$"):
+        check_hyperparams([lam, torch.zeros(2)])
+    with pytest.raises(ValueError, match=r"hyperparams\[0\] is a float$"):
+        check_hyperparams([0.5])
+    with pytest.raises(ValueError, match=r"list of leaf tensors .*hyperparams\[0\] is not a leaf$"):
+        check_hyperparams([lam * 2], leaf=True)
+    p, train, val = {"theta": torch.ones(2)}, lambda q: (q["theta"] * lam).sum(), lambda q: q["theta"].sum()
+    calls = [lambda h: evograd_hypergrad_low_memory(p, h, train, val),
+             lambda h: finite_difference_hypergrad(p, h, train, val, inner_lr=0.1),
+             lambda h: implicit_hypergrad(p, h, train, val), lambda h: sama_hypergrad(p, h, train, val, inner_lr=0.1)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"hyperparams\[1\] does not require grad$"):
+            call([lam, torch.zeros(2)])
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"hyperparams\[0\] is not a leaf$"):
+        sharded_evograd_hypergrad(model, [lam * 2], lambda: model(torch.ones(1, 2)).sum(), lambda: model.weight.sum())
