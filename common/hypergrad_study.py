@@ -495,6 +495,7 @@ def _cost(row: dict, axis: str) -> float:
 
 def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None = None, label_size: float = 6.5) -> None:
     """Mean cosine (± standard error) against cost; each family a line in order of cost; labels on the front."""
+    from matplotlib.transforms import Bbox
     from matplotlib.ticker import NullFormatter
     shown = [r for r in rows if families is None or r["family"] in families]
     for family, (color, marker, text) in FAMILY_STYLE.items():
@@ -513,6 +514,9 @@ def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None =
     logs = [math.log(x) for x, _ in points] or [0.0]
     low, span = min(logs), max(max(logs) - min(logs), 1e-9)
     renderer, placed = ax.figure.canvas.get_renderer(), []  # the boxes of the labels drawn so far
+    radius = 4 * ax.figure.dpi / 72  # a marker's half-size (ms=6 points), in pixels
+    markers = [Bbox.from_extents(px - radius, py - radius, px + radius, py + radius)
+               for px, py in ax.transData.transform(points)] if points else []
     for i in sorted(pareto_front(points), key=lambda i: points[i][0]):
         right_side = (math.log(points[i][0]) - low) / span > 0.7  # label to the left of points near the right edge
         # below the point first, then above, then further out: the first place that overlaps no label
@@ -523,7 +527,8 @@ def _panel(ax, rows: Sequence[dict], axis: str, families: Sequence[str] | None =
                                ha="right" if right_side else "left", zorder=1.5,
                                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
             box = text.get_window_extent(renderer)
-            if k == len(offsets) - 1 or not any(box.overlaps(other) for other in placed):
+            # (a label may cover no other label and no marker, its own included)
+            if k == len(offsets) - 1 or not any(box.overlaps(other) for other in placed + markers):
                 placed.append(box)
                 break
             text.remove()
