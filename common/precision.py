@@ -16,6 +16,10 @@ Outside one (or with ``--amp none``/``bf16``, where no scaler is needed: bfloat1
 exponent range) they are plain ``loss.backward()`` and ``optimizer.step()``, so the base-step
 functions keep their signatures and behave exactly as before without ``--amp``.
 
+Autocast runs without its cache of cast weights (``autocast``): parameters change in place inside
+an iteration (λ's optimiser step, a sharded meta step's perturbations), and every forward must
+read their current values.
+
 The gradient scaler applies to the base model's step only. The meta step runs under the same
 autocast, unscaled: every estimator calls the user's loss functions, which is where autocast
 acts (convolutions and matrix products in reduced precision, losses and softmax in float32 as
@@ -61,7 +65,13 @@ def check_amp(amp: str, device: torch.device | str) -> torch.device:
 
 
 def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """``torch.autocast(device.type, dtype)`` for ``amp`` = "bf16"/"fp16"; a context that does nothing for "none".
+    """``torch.autocast(device.type, dtype, cache_enabled=False)`` for ``amp`` = "bf16"/"fp16"; a context that
+    does nothing for "none".
+
+    Autocast's cache of cast weights is off: it keeps one reduced-precision copy of each parameter
+    for the whole region, and an iteration changes parameters in place inside it (λ's optimiser
+    step before the base step reads λ again; under ``--fsdp`` the meta step perturbs θ's shards in
+    place, and FSDP2 gathers them into the same parameter objects), so a cached copy would be stale.
 
     Raises:
         ValueError: as ``check_amp``.
@@ -69,7 +79,7 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
     device = check_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp], cache_enabled=False)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,23 @@ def test_autocast_dtype_on_cpu(amp, dtype):
     assert Precision(amp, "cpu").dtype == dtype
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_parameter_changed_in_place_inside_an_iteration_is_read_anew(amp):
+    """No autocast weight cache: a forward after an in-place change of a parameter inside the same iteration
+    (λ's optimiser step before the base step reads λ; under --fsdp the meta step's perturbed shards, which
+    FSDP2 gathers into the same parameter objects) sees the new values, not a cast copy of the old ones."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with Precision(amp, "cpu").iteration():
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        after = layer(x)
+    with autocast(amp, "cpu"):
+        fresh = layer(x)
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+
+
 def _twin_linears():
     """A batch, two equal linear layers and an SGD optimiser for each (fixed seed)."""
     torch.manual_seed(0)
