@@ -95,8 +95,10 @@ def test_mwn_killed_under_torchrun_resumes_to_the_uninterrupted_results(tmp_path
     [want], [got] = list(whole.glob("*.json")), list(resumed.glob("*.json"))
     want, got = json.loads(want.read_text())["metrics"], json.loads(got.read_text())["metrics"]
     assert got["test_epoch_per_epoch"] == [1, 2, 3]
-    for key in ("test_acc_per_epoch", "train_loss_per_epoch", "meta_loss_per_epoch", "weight_clean_per_epoch"):
-        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    # bit for bit: the generators are in the checkpoint, and no rank draws from torch's global one while
+    # training (tests/test_resume_contract.py), so rank 0's copy of it restored on every rank changes nothing
+    epoch_s = ("epoch_s_per_epoch",)  # wall-clock seconds differ
+    assert {k: v for k, v in got.items() if k not in epoch_s} == {k: v for k, v in want.items() if k not in epoch_s}
 
 
 FAILING_RANK = """

@@ -411,3 +411,34 @@ def test_killed_and_resumed_run_equals_a_straight_run(tmp_path, monkeypatch, cac
     assert {k: v for k, v in resumed["metrics"].items() if k not in epoch_s} == \
         {k: v for k, v in straight["metrics"].items() if k not in epoch_s}
     assert resumed["efficiency"]["resumed_at_epoch"] == 1 and straight["efficiency"]["resumed_at_epoch"] is None
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_only_metaxl_draws_from_the_global_generators_while_it_trains(name, tmp_path, monkeypatch, fewshot_root,
+                                                                       cached_mwn_data):
+    """A resumed run gets back its own generators (batches, augmentation, noise) from the checkpoint; torch's,
+    NumPy's and Python's global generators are seeded, read by the model's initialisation, and then left alone
+    by every trainer but MetaXL (XLM-R's dropout), whose checkpoint therefore keeps every rank's torch state
+    (under torchrun ranks whose shards differ in size draw different amounts). So the global states at the end
+    of epochs 1 and 2 are the same, and which of them a resumed rank gets back cannot matter."""
+    import random
+
+    import numpy as np
+
+    module = TRAINERS[name].main.__module__
+    trainer_module = {"rotation.train": rotation_train, "label_noise_mwn.train": mwn_train,
+                      "metaxl.train": metaxl_train, "cross_domain_fewshot.train": fewshot_train}[module]
+    real_save, states = trainer_module.save_checkpoint, {}
+
+    def save_and_note(path, *args, **kwargs):
+        states.setdefault(Path(path).name, []).append(
+            (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_and_note)
+    TRAINERS[name].main(_argv(name, tmp_path / "out", fewshot_root, "--epochs", "2"))
+    trained = [s for path, s in states.items() if not path.startswith("pretrain_")]  # few-shot's 1-epoch stage
+    assert len(trained) == 1 and len(trained[0]) == 2, states.keys()
+    (torch_1, numpy_1, python_1), (torch_2, numpy_2, python_2) = trained[0]
+    assert np.array_equal(numpy_1, numpy_2) and python_1 == python_2
+    assert torch.equal(torch_1, torch_2) == (name != "metaxl")
