@@ -350,6 +350,7 @@ def _restore(theta: dict[str, Tensor], saved: Sequence[Tensor]) -> None:
     with torch.no_grad():
         for local, copy in zip(_locals(theta), saved):
             local.copy_(copy)
+    _changed_in_place()
 
 
 def _shift(theta: dict[str, Tensor], steps: Sequence[Tensor]) -> None:
@@ -357,6 +358,14 @@ def _shift(theta: dict[str, Tensor], steps: Sequence[Tensor]) -> None:
     with torch.no_grad():
         for local, step in zip(_locals(theta), steps):
             local.add_(step)
+    _changed_in_place()
+
+
+def _changed_in_place() -> None:
+    """θ's shards were written in place: drop a caller's ``torch.autocast`` cast copies of them (its
+    weight cache, on by default, would serve the old values to the next pass; ``common.precision``'s
+    autocast keeps none)."""
+    torch.clear_autocast_cache()
 
 
 @contextlib.contextmanager
@@ -404,6 +413,7 @@ def _shift_by_noise(theta: dict[str, Tensor], noise: IndexedNoise, like: Sequenc
             for k, scale in terms:
                 step = noise.sample_one(k, j, ref)
                 local.add_(step if scale is None else step.mul_(scale.to(step.dtype)))
+    _changed_in_place()
 
 
 def _backward_noise_dots(model: nn.Module, loss: Tensor, theta: dict[str, Tensor], hyperparams: Sequence[Tensor],

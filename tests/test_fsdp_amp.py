@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
 
-from common.fsdp import local_shard, shard_model
+from common.fsdp import local_shard, shard_model, sharded_evograd_hypergrad
 from common.precision import Precision, backward, optimizer_step, unscale_gradients
 from test_distributed import free_port
 from test_fsdp import MWN, WORLD, Net, data, finish, torchrun, whole_checkpoint
@@ -91,3 +93,25 @@ def test_mwn_fsdp_under_bf16_equals_the_data_parallel_run(tmp_path):
     model_gap = max((sharded["model"][k].double() - v.double()).abs().max().item()
                     for k, v in replicated["model"].items())
     assert vnet_moved > 1e-5 and vnet_gap < 1e-3 * vnet_moved and model_gap < 1e-5, (vnet_moved, vnet_gap, model_gap)
+
+
+def test_a_callers_autocast_weight_cache_serves_no_stale_weights():
+    """Under a caller's torch.autocast (weight cache on), bf16 copies of θ cast before the meta step must not feed
+    its passes at θ + ε_k or θ*: the shards change in place, and the estimator drops the cast copies."""
+    def run(cast_before: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        lam = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
+        g = torch.Generator().manual_seed(1)
+        x, xv = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+        y, yv = torch.randint(0, 3, (16,), generator=g), torch.randint(0, 3, (16,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if cast_before:
+                model(x)  # caches bf16 copies of the weights at θ
+            out = sharded_evograd_hypergrad(
+                model, [lam], lambda: (F.softplus(lam)[y] * F.cross_entropy(model(x), y, reduction="none")).mean(),
+                lambda: F.cross_entropy(model(xv), yv), sigma=0.05, generator=torch.Generator().manual_seed(3),
+                candidates_in_float32=False)
+        return lam.grad, out.val_loss
+    fresh, after_cast = run(False), run(True)
+    assert torch.equal(fresh[0], after_cast[0]) and torch.equal(fresh[1], after_cast[1])
