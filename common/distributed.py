@@ -379,14 +379,45 @@ def init_data_parallel(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    # its collectives take ``group=group.WORLD`` as a default argument, evaluated at import: imported
+    # once the group exists (FSDP2 imports it), it would keep the group alive (see close_data_parallel)
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
 def close_data_parallel() -> None:
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, and end its worker threads.
+
+    ``destroy_process_group`` unregisters the groups, but a group's C++ object, and with gloo its
+    worker threads, lives as long as a Python object refers to it. Under FSDP2 three did: the
+    sharded model (its FSDP state), its device mesh (``DeviceMesh._pg_registry``; DTensor's
+    sharding caches keep the mesh alive after the model is gone), and the default arguments
+    ``group=group.WORLD`` of ``torch.distributed.nn.functional``, when that module is first
+    imported after the group exists (``init_data_parallel`` imports it before). The gloo threads
+    then outlived the group until interpreter exit, where a thread still releasing the last
+    collective's tensors took the GIL of a finalising interpreter, which ended the thread inside
+    a C++ destructor: the process aborted with "terminate called without an active exception"
+    (6 of 21 short sharded benchmark runs on CPU). Emptying every mesh's registry (read only
+    under ``torch.compile``; a destroyed group cannot be used anyway) drops the mesh's references,
+    so once the model is freed (leave this after the function that holds it has returned) the
+    group is destroyed here and its threads are joined.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _release_device_meshes()
+
+
+def _release_device_meshes() -> None:
+    """Empty the process-group registry of every live ``DeviceMesh`` (see ``close_data_parallel``)."""
+    import gc
+
+    from torch.distributed.device_mesh import DeviceMesh
+
+    gc.collect()  # models freed in reference cycles release their meshes first
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 @contextlib.contextmanager

@@ -622,6 +622,42 @@ def test_bench_fsdp_rows_replicated_and_sharded(tmp_path, capsys):
                                               "with --nproc (e.g. --nproc 2)"], lines
 
 
+def teardown_worker(rank: int, port: int) -> None:
+    """As a torchrun worker: a sharded model trained in ``process_group``; once it is left, no gloo thread runs."""
+    from common.distributed import process_group
+
+    def gloo_threads() -> list[str]:
+        names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        return [name for name in names if "gloo" in name]
+
+    def train() -> None:
+        model, lam = build("loss")
+        shard_model(model, [model.block1, model.block2])
+        train_loss, _ = losses_of("loss", lam, lambda x: model(x), rank)
+        train_loss().backward()
+        dist.all_gather_object([None] * WORLD, rank)
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with process_group(torch.device("cpu")):
+        train()
+        assert gloo_threads(), "the process group's gloo threads should run while it is open"
+    assert not gloo_threads(), f"rank {rank}: gloo threads {gloo_threads()} outlived the process group"
+
+
+@pytest.mark.skipif(not (dist.is_available() and os.path.isdir("/proc/self/task")),
+                    reason="needs torch.distributed and /proc")
+def test_leaving_the_process_group_ends_its_threads_after_sharding():
+    """Once a sharded model's process is done, its gloo threads end with the group: FSDP2's device mesh (kept
+    alive by DTensor's caches) and torch.distributed.nn.functional's default arguments (FSDP2 imports it here
+    after the group exists) held the group, so its threads ran to interpreter exit, where one still releasing
+    the last collective's tensors aborted the process ("terminate called without an active exception", 6 of 21
+    short sharded benchmark runs on CPU); common.distributed's init_data_parallel and close_data_parallel."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(teardown_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
 def test_memory_model_arithmetic(tmp_path, capsys):
     """α from two sizes (replicated: the slope; sharded: the slope × N), P_max = M·D/α sharded, M/α replicated."""
     import json
