@@ -622,6 +622,35 @@ def test_bench_fsdp_rows_replicated_and_sharded(tmp_path, capsys):
                                               "with --nproc (e.g. --nproc 2)"], lines
 
 
+def test_bench_metaxl_sharded_rows(monkeypatch):
+    """metaxl's benchmark shards XLM-R as metaxl.train --fsdp does: the sharded EvoGrad row runs under torchrun
+    and gives numbers (no worker aborted at exit); metaxl's second-order step and the shared encoder are refused
+    by make_step before any work (checked in this process); each variant runs the estimator it names (the
+    sharded finite-difference metaxl step itself is run by test_metaxl_fsdp_run_equals_the_data_parallel_run)."""
+    from common import bench
+    from metaxl import bench as metaxl_bench
+    from metaxl.model import StepConfig
+
+    quick = bench.discover()["metaxl"].quick_configs[0]
+    row = bench.measure_data_parallel("metaxl", {**quick, "batch": 4, "fsdp": True}, "metaxl_evograd", 2,
+                                      torch.device("cpu"), 0, 1)
+    assert row.get("time_s", 0) > 0 and min(row["peak_total_mb_per_rank"]) > 0, row
+    assert row["batch_per_rank"] == 2 and row["parameters"] > 0 and "aborted_at_exit" not in row, row
+    for method, reason in (("metaxl", "metaxl \\(second_order meta step\\) cannot run sharded; run "
+                                     "metaxl_finite_difference or metaxl_sama"),
+                           ("metaxl_evograd_shared", "a sharded model runs the encoder for every candidate")):
+        with pytest.raises(ValueError, match=reason):
+            metaxl_bench.make_step(method, {**quick, "fsdp": True}, torch.device("cpu"))
+    ran = []
+    monkeypatch.setattr(metaxl_bench, "train_iteration", lambda method, *args: ran.append((method, args[-2])))
+    for method in ("metaxl", "metaxl_finite_difference", "metaxl_sama", "metaxl_evograd", "metaxl_evograd_shared"):
+        metaxl_bench.make_step(method, quick, torch.device("cpu"))()
+    assert [(m, c.metaxl_estimator, c.candidate_encoder) for m, c in ran] == [
+        ("metaxl", StepConfig.metaxl_estimator, "per_candidate"), ("metaxl", "finite_difference", "per_candidate"),
+        ("metaxl", "sama", "per_candidate"), ("metaxl_evograd", StepConfig.metaxl_estimator, "per_candidate"),
+        ("metaxl_evograd", StepConfig.metaxl_estimator, "shared")]
+
+
 def teardown_worker(rank: int, port: int) -> None:
     """As a torchrun worker: a sharded model trained in ``process_group``; once it is left, no gloo thread runs."""
     from common.distributed import process_group
