@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ import torch
 
 from common import distributed
 from common.precision import Precision, add_amp_arg
-from common.profiling import EfficiencyMeter, peak_rss_mb
+from common.profiling import EfficiencyMeter, current_rss_mb, peak_rss_mb
 from common.results import atomic_write_json, env_info
 from common.runtime import (CLIError, DefaultsHelpFormatter, import_experiment_modules, prepare_out_file, run_cli,
                             select_device)
@@ -71,6 +72,7 @@ class Benchmark:
     quick_configs: tuple[dict, ...] = field(default=())
     description: str = ""
     extra_methods: tuple[str, ...] = ()   # accepted by --methods, not run by default
+    plain: str | None = None   # the method with no meta step: the yardstick of the sharded rows' memory
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -86,19 +88,23 @@ def horizon_options(method: str, config: dict) -> dict:
 
 def register_benchmark(name: str, *, methods: Sequence[str], reference: str,
                        configs: Sequence[dict] = ({},), quick_configs: Sequence[dict] = (),
-                       description: str = "", extra_methods: Sequence[str] = ()
+                       description: str = "", extra_methods: Sequence[str] = (), plain: str | None = None
                        ) -> Callable[[StepFactory], StepFactory]:
     """Decorator registering ``make_step(method, config, device) -> step()`` under ``name``.
 
-    ``methods`` run by default; ``extra_methods`` only when named with ``--methods``.
+    ``methods`` run by default; ``extra_methods`` only when named with ``--methods``. ``plain``: the
+    method that trains without a meta step, against whose sharded row ``common.report`` sets the
+    sharded rows' memory.
     """
     if reference not in methods:
         raise ValueError(f"reference method {reference!r} is not among {list(methods)}")
+    if plain is not None and plain not in methods:
+        raise ValueError(f"plain method {plain!r} is not among {list(methods)}")
 
     def decorate(make_step: StepFactory) -> StepFactory:
         REGISTRY[name] = Benchmark(name, make_step, tuple(methods), reference, tuple(configs),
                                    tuple(quick_configs) or tuple(configs), description,
-                                   tuple(m for m in extra_methods if m not in methods))
+                                   tuple(m for m in extra_methods if m not in methods), plain)
         return make_step
     return decorate
 
@@ -155,7 +161,8 @@ def memory_worker(name: str, config: dict, method: str, device: torch.device, wa
             step()
     total = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb())
     # solo_time_s: the measured steps of this process alone (not interleaved with other methods)
-    return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "solo_time_s": meter.summary()["meta_step_s"]}
+    return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "solo_time_s": meter.summary()["meta_step_s"],
+            "cpu_malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_") if device.type == "cpu" else None}
 
 
 def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int,
@@ -163,7 +170,7 @@ def measure_memory(name: str, config: dict, method: str, device: torch.device, w
     """Peak memory of one method, measured in its own process."""
     cmd = [sys.executable, "-m", "common.bench", "--memory-worker", name, json.dumps(config), method,
            "--device", device.type, "--warmup", str(warmup), "--reps", str(steps), "--amp", amp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=worker_env(device))
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"peak_mem_mb": None, "peak_total_mb": None, "solo_time_s": None, "error": tail}
@@ -188,6 +195,7 @@ def _data_parallel_steps(name: str, config: dict, method: str, device: torch.dev
                          amp: str) -> dict | None:
     """The body of ``data_parallel_worker``, inside its process group."""
     n = distributed.world_size()
+    before_build_mb = current_rss_mb()  # CPU: the process before the model exists (the group joined)
     raw_step = discover()[name].make_step(method, {**config, "batch": config["batch"] // n}, device)
     step = under_precision(raw_step, amp, device)
     meter = EfficiencyMeter(device, warmup=warmup)
@@ -197,7 +205,10 @@ def _data_parallel_steps(name: str, config: dict, method: str, device: torch.dev
             step()
             distributed.barrier()
     total = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-    mine = {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total}
+    # what the model, its optimiser and the steps hold at the peak: CUDA's allocated bytes, or on CPU the resident
+    # set above the process before the model was built (the model's build itself is not in the peak: reset at start)
+    model = total if device.type == "cuda" else total - before_build_mb
+    mine = {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "peak_model_mb": model}
     ranks = [mine] * n
     if n > 1:
         torch.distributed.all_gather_object(ranks, mine)
@@ -208,14 +219,31 @@ def _data_parallel_steps(name: str, config: dict, method: str, device: torch.dev
             "parameters": getattr(raw_step, "parameters", None), "time_s": meter.summary()["meta_step_s"],
             "time_std_s": statistics.stdev(meter.times) if len(meter.times) > 1 else 0.0,
             "peak_mem_mb_per_rank": [r["peak_mem_mb"] for r in ranks],
-            "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks]}
+            "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks],
+            "peak_model_mb_per_rank": [r["peak_model_mb"] for r in ranks],
+            "cpu_malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_") if device.type == "cpu" else None}
+
+
+CPU_MMAP_THRESHOLD = 131072  # bytes: glibc's initial threshold, here fixed
+
+
+def worker_env(device: torch.device) -> dict[str, str]:
+    """The environment of a measuring subprocess. On CPU, glibc's malloc serves every block of 128 KiB or
+    more by its own mmap and returns it when freed (``MALLOC_MMAP_THRESHOLD_`` fixed: by default the
+    threshold rises after large frees, and freed tensors then stay in the resident set, so a peak RSS
+    read more of the allocator's history than of the tensors alive). A value already set is kept."""
+    env = dict(os.environ)
+    if device.type == "cpu":
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(CPU_MMAP_THRESHOLD))
+    return env
 
 
 def measure_data_parallel(name: str, config: dict, method: str, nproc: int, device: torch.device, warmup: int,
                           reps: int, amp: str = "none") -> dict:
     """One ``torchrun --standalone --nproc_per_node nproc`` of ``data_parallel_worker``.
 
-    A failed launch is tried once more: one launch in a full test run failed once and not again
+    A failed launch is tried once more (unless the worker refused its arguments: a method with no
+    sharded estimator fails the same way every time): one launch in a full test run failed once and not again
     (the cause is not known; ``torchrun --standalone`` picks free ports by binding and releasing
     them, which another process can take in between). The row then records the first attempt's
     error as ``retried_after``; a failure on both attempts is the row's ``error``.
@@ -223,18 +251,23 @@ def measure_data_parallel(name: str, config: dict, method: str, nproc: int, devi
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "common.bench", "--dp-worker", name, json.dumps(config), method,
            "--device", device.type, "--warmup", str(warmup), "--reps", str(reps), "--amp", amp]
-    row, first_error = _launch(cmd)
-    if row is not None:
-        return row
-    row, error = _launch(cmd)
+    row, first_error = _launch(cmd, worker_env(device))
+    if row is not None or _refused(first_error):
+        return row or {"processes": nproc, "time_s": None, "error": first_error}
+    row, error = _launch(cmd, worker_env(device))
     if row is not None:
         return {**row, "retried_after": first_error}
     return {"processes": nproc, "time_s": None, "error": error, "retried_after": first_error}
 
 
-def _launch(cmd: list[str]) -> tuple[dict | None, str | None]:
+def _refused(error: str | None) -> bool:
+    """A worker's refusal of its arguments (``error: ...``, ``ValueError: ...``): the same on every try."""
+    return error is not None and re.match(r"(error|ValueError):", error) is not None
+
+
+def _launch(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
     """Run one torchrun command: (the worker's JSON row, None), or (None, its first error line)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     # the first worker's one-line error or exception line (torchrun's own summary comes last)
     # (a worker's traceback lines start with "[rank<r>]: " once torchrun has collected them)
@@ -254,17 +287,18 @@ def _launch(cmd: list[str]) -> tuple[dict | None, str | None]:
 def format_data_parallel_table(rows: list[dict]) -> str:
     """Markdown table of one config under 1..N processes, speed-up over each method's first row."""
     lines = ["| method | processes | batch per rank | s / iteration | speed-up | peak MB per rank (above start) | "
-             "peak MB per rank (process total) |", "|---|---|---|---|---|---|---|"]
+             "peak MB per rank (model and step) | peak MB per rank (process total) |", "|---" * 8 + "|"]
     first: dict[str, float | None] = {}
     for r in rows:
         base = first.setdefault(r["method"], r.get("time_s"))
         if r.get("time_s") is None:
-            lines.append(f"| {r['method']} | {r['processes']} | | failed: {r.get('error', '')} | | | |")
+            lines.append(f"| {r['method']} | {r['processes']} | | failed: {r.get('error', '')} | | | | |")
             continue
         speedup = base / r["time_s"] if base else None
         lines.append(f"| {r['method']} | {r['processes']} | {r['batch_per_rank']} | "
                      f"{r['time_s']:.4g} ± {r['time_std_s']:.2g} | {_fmt(speedup)} | "
                      f"{_fmt(max(x or 0.0 for x in r['peak_mem_mb_per_rank']), 4)} | "
+                     f"{_fmt(r.get('peak_model_mb'), 4)} | "
                      f"{_fmt(max(x or 0.0 for x in r['peak_total_mb_per_rank']), 4)} |")
     return "\n".join(lines)
 
@@ -289,7 +323,7 @@ def _data_parallel_row(name: str, config: dict, method: str, nproc: int, device:
     """One row of ``run_data_parallel``; ``peak_mem_mb``/``peak_total_mb``: the largest rank's."""
     row = measure_data_parallel(name, {**config, "fsdp": True} if sharded else config, method, nproc, device,
                                 warmup, reps, amp)
-    for key in ("peak_mem_mb", "peak_total_mb"):
+    for key in ("peak_mem_mb", "peak_total_mb", "peak_model_mb"):
         per_rank = [x for x in row.get(f"{key}_per_rank", []) if x is not None]
         row[key] = max(per_rank) if per_rank else None
     return {"benchmark": name, "config": config, "method": f"{method}, sharded" if sharded else method,
@@ -319,8 +353,13 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def format_table(rows: list[dict], reference: str) -> str:
     """Markdown table of one benchmark config, ratios to ``reference``."""
     ref = next((r for r in rows if r["method"] == reference), None)
-    lines = ["| method | s / meta-step | time ratio | peak MB (above start) | memory ratio | peak MB (process total) |",
-             "|---|---|---|---|---|---|"]
+    # data-parallel rows also give the model's own peak (model, optimiser and step: ``data_parallel_worker``),
+    # the figure comparable with CUDA's allocated bytes; their memory ratio is then of that
+    model = any(r.get("peak_model_mb") is not None for r in rows)
+    key = "peak_model_mb" if model else "peak_mem_mb"
+    lines = ["| method | s / meta-step | time ratio | peak MB (above start) | "
+             + ("peak MB (model and step) | " if model else "") + "memory ratio | peak MB (process total) |",
+             "|---" * (7 if model else 6) + "|"]
     for r in rows:
         if r["time_s"] is not None:
             t_ratio = r["time_s"] / ref["time_s"] if ref and ref["time_s"] else None
@@ -329,10 +368,10 @@ def format_table(rows: list[dict], reference: str) -> str:
             solo, ref_solo = r.get("solo_time_s"), (ref or {}).get("solo_time_s")
             t_ratio = solo / ref_solo if solo is not None and ref_solo else None
             timing = "not timed" if solo is None else f"{solo:.4g} (alone)"
-        m_ratio = (r["peak_mem_mb"] / ref["peak_mem_mb"]
-                   if ref and r.get("peak_mem_mb") is not None and ref.get("peak_mem_mb") else None)
-        lines.append(f"| {r['method']} | {timing} | {_fmt(t_ratio)} | "
-                     f"{_fmt(r.get('peak_mem_mb'), 4)} | {_fmt(m_ratio)} | {_fmt(r.get('peak_total_mb'), 4)} |")
+        m_ratio = r[key] / ref[key] if ref and r.get(key) is not None and ref.get(key) else None
+        lines.append(f"| {r['method']} | {timing} | {_fmt(t_ratio)} | {_fmt(r.get('peak_mem_mb'), 4)} | "
+                     + (f"{_fmt(r.get('peak_model_mb'), 4)} | " if model else "")
+                     + f"{_fmt(m_ratio)} | {_fmt(r.get('peak_total_mb'), 4)} |")
     return "\n".join(lines)
 
 

@@ -453,7 +453,30 @@ def bench_tables(bench_json: Path) -> list[Table]:
                 + (f", load average {load} when it ended" if load is not None else "")
                 + f"; command: `{env.get('command') or 'python -m common.bench'}`.")
         tables.append(Table(f"{name}", _split_row(lines[0]), [_split_row(line) for line in lines[2:]], [note], level=4))
+        plain = f"{registry[name].plain}, sharded" if name in registry and registry[name].plain else None
+        yardstick = next((r for r in rows if r["method"] == plain and r.get("peak_model_mb")), None)
+        if yardstick is not None:
+            tables.append(sharded_memory_table(name, config, rows, yardstick))
     return tables
+
+
+def sharded_memory_table(name: str, config: str, rows: list[dict], plain: dict) -> Table:
+    """Every measured row against the plain sharded training iteration (``plain``): the sharded memory target."""
+    body = []
+    for r in rows:
+        if r.get("peak_model_mb") is None:
+            continue
+        body.append([r["method"], f"{r['peak_model_mb']:.4g}", f"{r['peak_model_mb'] / plain['peak_model_mb']:.3g}",
+                     f"{r['time_s']:.4g}", f"{r['time_s'] / plain['time_s']:.3g}"])
+    threshold = plain.get("cpu_malloc_mmap_threshold")
+    note = (f"`{name}` config {config}, {plain['processes']} processes: each row's peak per rank (the larger rank's) "
+            f"of what the model, its optimiser and the iteration hold (CUDA's allocated bytes; on CPU the resident "
+            f"set above the process before the model was built"
+            + (f", glibc's MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "")
+            + f"), against `{plain['method']}`, a plain sharded training iteration of the same model.")
+    return Table(f"{name}: memory against plain sharded training",
+                 ["method", "peak MB per rank (model and step)", f"ratio to `{plain['method']}`", "s / iteration",
+                  "time ratio"], body, [note], level=4)
 
 
 def _split_row(line: str) -> list[str]:

@@ -40,6 +40,7 @@ from label_noise_mwn.mwn import PAPER_METHODS, estimator_of, make_optimizers, me
 
 @register_benchmark(
     "label_noise_mwn", methods=PAPER_METHODS, reference="mwn_second_order", extra_methods=method_choices(),
+    plain="baseline",
     configs=tuple({"depth": 32, "width": w, "batch": 100} for w in (1, 2, 4))
     + ({"depth": 8, "width": 1, "base_channels": 16, "channels": 1, "batch": 100, "inner_steps": 2, "window": 2},)
     + tuple({"depth": 32, "width": 1, "batch": 100, "k": k} for k in (5, 10))

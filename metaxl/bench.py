@@ -113,6 +113,7 @@ def check_fsdp_method(method: str) -> None:
 
 
 @register_benchmark("metaxl", methods=METHODS, reference="metaxl", extra_methods=tuple(VARIANTS),
+                    plain="joint_training",
                     configs=({"size": "base", "batch": 12, "seq_len": 200},
                              # what fitted the shared 24 GB machine: full encoder, 50k-row embedding
                              {"size": "base", "batch": 12, "seq_len": 64, "vocab_size": 50000},

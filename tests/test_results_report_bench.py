@@ -237,3 +237,51 @@ def test_bench_block_takes_ratios_to_the_registered_reference(tmp_path):
     ratios = {row[0]: (row[2], row[4]) for row in table.rows}
     assert ratios == {"evograd": ("2", "0.5"), "second_order": ("1", "1")}
     assert "ratios to `second_order`" in table.notes[0]
+
+
+def test_sharded_rows_are_set_against_plain_sharded_training(tmp_path):
+    """Data-parallel rows give the model's own peak; the report sets every row against `<plain>, sharded`."""
+    from common.report import bench_tables
+    rows = [{"benchmark": "label_noise_mwn", "config": {"width": 8}, "method": m, "sharded": m.endswith("sharded"),
+             "time_s": t, "time_std_s": 0.0, "reps": 2, "device": "cpu", "processes": 2, "peak_mem_mb": mb - 50,
+             "peak_total_mb": mb + 400, "peak_model_mb": mb, "cpu_malloc_mmap_threshold": "131072"}
+            for m, t, mb in (("baseline, sharded", 1.0, 200.0), ("mwn_evograd, sharded", 3.0, 210.0),
+                             ("mwn_second_order", 2.0, 400.0))]
+    rows.append({"benchmark": "label_noise_mwn", "config": {"width": 8}, "method": "mwn_second_order, sharded",
+                 "sharded": True, "time_s": None, "error": "ValueError: second_order cannot run sharded",
+                 "peak_mem_mb": None, "peak_total_mb": None, "peak_model_mb": None})
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows, "env": {"torch": "x"}}))
+    main, target = bench_tables(path)
+    # the main table's memory ratio is of the model's own peak when the rows give it
+    assert "peak MB (model and step)" in main.header
+    assert {row[0]: row[main.header.index("memory ratio")] for row in main.rows}["mwn_evograd, sharded"] == "0.525"
+    assert target.header[2] == "ratio to `baseline, sharded`"
+    assert [(row[0], row[2], row[4]) for row in target.rows] == [
+        ("baseline, sharded", "1", "1"), ("mwn_evograd, sharded", "1.05", "3"), ("mwn_second_order", "2", "2")]
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in target.notes[0]
+
+
+def test_bench_workers_allocator_and_refusals_not_retried(monkeypatch):
+    from common import bench
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert bench.worker_env(torch.device("cpu"))["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in bench.worker_env(torch.device("cuda"))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert bench.worker_env(torch.device("cpu"))["MALLOC_MMAP_THRESHOLD_"] == "65536"  # the user's is kept
+    launches = []
+
+    def refuse(cmd, env=None):
+        launches.append(cmd)
+        return None, "ValueError: second_order cannot run on an FSDP-sharded model"
+    monkeypatch.setattr(bench, "_launch", refuse)
+    row = bench.measure_data_parallel("label_noise_mwn", {"fsdp": True}, "mwn_second_order", 2, torch.device("cpu"),
+                                      1, 1)
+    assert len(launches) == 1 and row["error"].startswith("ValueError") and "retried_after" not in row
+
+    def flaky(cmd, env=None):
+        launches.append(cmd)
+        return (None, "torch.distributed.DistNetworkError: port taken") if len(launches) == 2 else ({"time_s": 1.0}, None)
+    monkeypatch.setattr(bench, "_launch", flaky)
+    row = bench.measure_data_parallel("label_noise_mwn", {}, "baseline", 2, torch.device("cpu"), 1, 1)
+    assert len(launches) == 3 and row["retried_after"].startswith("torch.distributed.DistNetworkError")
