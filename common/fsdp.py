@@ -112,11 +112,19 @@ def _shift_right(z: Tensor, bits: int) -> Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _mix(z: Tensor) -> Tensor:
-    """splitmix64's output function on int64 tensors (wrap-around multiplication = mod 2^64)."""
-    z = (z ^ _shift_right(z, 30)) * _as_int64(_MIX1)
-    z = (z ^ _shift_right(z, 27)) * _as_int64(_MIX2)
-    return z ^ _shift_right(z, 31)
+def _mix_(z: Tensor) -> Tensor:
+    """splitmix64's output function on an int64 tensor, in place (wrap-around multiplication = mod 2^64).
+
+    In place with one temporary: the noise of a shard is hashed many times per meta step, and
+    every fresh temporary costs an allocation and its page faults.
+    """
+    shifted = torch.empty_like(z)
+    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=shifted)
+        z.bitwise_xor_(shifted.bitwise_and_((1 << (64 - bits)) - 1))  # logical shift: the sign bits cleared
+        if multiplier is not None:
+            z.mul_(_as_int64(multiplier))
+    return z
 
 
 def _mix_int(z: int) -> int:
@@ -139,7 +147,7 @@ def hashed_bits(key: int, offset: int, numel: int, device: torch.device | str = 
     Element i is mix(key + (i + 1)·γ mod 2^64), a function of (key, i) alone.
     """
     index = torch.arange(offset + 1, offset + numel + 1, dtype=torch.int64, device=device)
-    return _mix(index * _as_int64(_GAMMA) + _as_int64(key))
+    return _mix_(index.mul_(_as_int64(_GAMMA)).add_(_as_int64(key)))
 
 
 def element_noise(seed: int, name: str, offset: int, numel: int, kind: str,
@@ -164,8 +172,8 @@ def element_noise(seed: int, name: str, offset: int, numel: int, kind: str,
     for start in range(0, numel, _NOISE_CHUNK):
         count = min(_NOISE_CHUNK, numel - start)
         bits = hashed_bits(key, offset + start, count, device)
-        if kind == "sign":
-            out[start:start + count] = torch.where(bits < 0, -1.0, 1.0)
+        if kind == "sign":  # 1 − 2·[bits < 0]: −1 where the top bit is set
+            out[start:start + count].copy_(bits.lt(0)).mul_(-2).add_(1)
             continue
         other = hashed_bits(_mix_int(key ^ _GAMMA), offset + start, count, device)
         out[start:start + count] = (-2 * _uniform(bits).log()).sqrt() * torch.cos(2 * math.pi * _uniform(other))
