@@ -96,20 +96,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["mwn_second_order", "mwn_evograd, sharded"],
                         help="method labels of the rows to tabulate")
     args = parser.parse_args(argv)
-    path = Path(args.bench_json)
+    print(capacity_of_file(Path(args.bench_json), args.benchmark, args.methods))
+
+
+def capacity_of_file(path: Path, benchmark: str, methods: Sequence[str]) -> str:
+    """``capacity_table`` of the rows of ``benchmark`` in a ``common.bench --out`` file (also ``common.report``'s
+    ``capacity`` block); ``CLIError`` naming the file if it cannot."""
     try:
-        rows = [r for r in json.loads(path.read_text())["rows"] if r["benchmark"] == args.benchmark]
+        rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["benchmark"] == benchmark]
     except (OSError, ValueError, KeyError) as err:
         raise CLIError(f"{path}: not a common.bench --out file ({type(err).__name__}: {err})") from None
     sizes = {json.dumps(r["config"], sort_keys=True): r.get("parameters") for r in rows if r.get("parameters")}
     try:
         alphas = bytes_per_parameter(rows, sizes)
-        missing = [m for m in args.methods if m not in alphas]
+        missing = [m for m in methods if m not in alphas]
         if missing:
             raise ValueError(f"no measured rows for {missing}; the file has {sorted(alphas)}")
     except ValueError as err:
         raise CLIError(f"{path}: {err}") from None
-    print(capacity_table(alphas, args.methods))
+    return capacity_table(alphas, methods)
 
 
 if __name__ == "__main__":

@@ -595,8 +595,11 @@ def render_block(args: str, root: Path = REPO_ROOT, link_prefix: str = "") -> st
         return "\n\n".join(t.markdown() for t in study_tables(root / rest[0], rest[1:]))
     if kind == "bench" and rest:
         return "\n\n".join(t.markdown() for t in bench_tables(root / rest[0]))
+    if kind == "capacity" and len(rest) >= 3:  # METHOD+sharded names the sharded row "METHOD, sharded"
+        from common.memory_model import SHARDED, capacity_of_file
+        return capacity_of_file(root / rest[0], rest[1], [m.replace("+sharded", SHARDED) for m in rest[2:]])
     raise CLIError(f"unknown generated block '<!-- report: {args} -->'; kinds: headline DIR..., paper EXP DIR..., "
-                   "efficiency EXP DIR..., study JSON [PROBLEM...], bench JSON")
+                   "efficiency EXP DIR..., study JSON [PROBLEM...], bench JSON, capacity JSON BENCHMARK METHOD...")
 
 
 def doc_files(root: Path = REPO_ROOT) -> list[Path]:
