@@ -43,10 +43,15 @@ clean:   # runs/ (the committed results) is kept
 # $(RESULTS)/gpu_bench/gpu_bench.json and gpu_bench.md. GPU_BENCH_ARGS="--budget-s 300" for less time.
 GPU_BENCH_ARGS ?= --budget-s 480
 # With two or more CUDA devices it then adds the sharded (FSDP2) rows: MWN's ResNet-32 widths 4 and 8,
-# each method replicated and sharded over 2 processes (nccl), into $(RESULTS)/gpu_bench/fsdp.json.
+# then MetaXL's XLM-R at widths 256, 384 and 512, each method replicated and sharded over 2 processes
+# (nccl), into $(RESULTS)/gpu_bench/fsdp.json and fsdp_metaxl.json.
 FSDP_BENCH_ARGS ?= label_noise_mwn --config 8 9 --methods baseline mwn_evograd finite_difference sama mwn_second_order
+FSDP_METAXL_BENCH_ARGS ?= metaxl --config 3 4 5 --methods joint_training metaxl metaxl_finite_difference metaxl_sama \
+	metaxl_evograd
 gpu-bench: setup
 	$(PYTHON) -m common.gpu_bench --device cuda $(GPU_BENCH_ARGS) --out $(RESULTS)/gpu_bench
 	@if [ "$$($(PYTHON) -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
 	  $(PYTHON) -m common.bench $(FSDP_BENCH_ARGS) --device cuda --nproc 2 --fsdp --out $(RESULTS)/gpu_bench/fsdp.json; \
+	  $(PYTHON) -m common.bench $(FSDP_METAXL_BENCH_ARGS) --device cuda --nproc 2 --fsdp \
+	    --out $(RESULTS)/gpu_bench/fsdp_metaxl.json; \
 	else echo "FSDP rows skipped: they need 2 or more CUDA devices, this machine has fewer"; fi
