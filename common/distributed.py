@@ -455,13 +455,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def rng_states_of_every_rank() -> list[Tensor]:
-    """Every rank's ``torch.get_rng_state()`` in rank order, on every rank (collective; [own] without a group).
+def rng_states_of_every_rank(get_state: Callable[[], Tensor] = torch.get_rng_state) -> list[Tensor]:
+    """Every rank's ``get_state()`` in rank order, on every rank (collective; [own] without a group).
 
     Ranks draw different amounts of randomness (dropout over shards of different sizes), so a
-    resumed run must give each rank its own state back, not rank 0's.
+    resumed run must give each rank its own state back, not rank 0's. ``get_state``: the CPU
+    generator's by default; ``torch.cuda.get_rng_state`` for the current CUDA device's (dropout on
+    a GPU draws from it).
     """
-    state = torch.get_rng_state()
+    state = get_state()
     if not is_distributed():
         return [state]
     states: list[Tensor | None] = [None] * world_size()

@@ -250,6 +250,8 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
         generator.set_state(ckpt["generator"])
         # this rank's own state (checkpoints written before every rank's was kept: rank 0's)
         torch.set_rng_state(ckpt.get("torch_rng_per_rank", [ckpt["torch_rng"]] * world_size())[rank()])
+        if device.type == "cuda" and "cuda_rng_per_rank" in ckpt:  # (absent: written on a CPU or before it was kept)
+            torch.cuda.set_rng_state(ckpt["cuda_rng_per_rank"][rank()])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         log(f"resumed {method} seed {seed} from {ckpt_path} after epoch {start_epoch}")
 
@@ -291,6 +293,9 @@ def run_method(args, method: str, seed: int, setting: str, data: dict, device: t
                if not (args.fsdp and name in ("model", "optimizer"))},
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "torch_rng_per_rank": rng_states_of_every_rank(), "history": history,
+            # on a GPU dropout draws from the CUDA generator: every rank's too
+            **({"cuda_rng_per_rank": rng_states_of_every_rank(torch.cuda.get_rng_state)} if device.type == "cuda"
+               else {}),
             "amp_scaler": precision.state_dict(), "epoch": epoch + 1, "vocab": vocab,
             "model_config": model.config.to_dict(), "method": method, "seed": seed, "setting": setting,
             "target": data["lang"]}

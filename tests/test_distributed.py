@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from common.distributed import all_ranks_loss, average_gradients, is_distributed, rank, shard
+from common.distributed import (all_ranks_loss, average_gradients, is_distributed, rank,
+                                rng_states_of_every_rank, shard)
 from common.estimators import multistep_meta_loss
 from common.evograd import _prepare, evograd_meta_loss, functional_forward, perturbable_params
 from common.hypergrad import ESTIMATORS, meta_backward
@@ -290,3 +291,12 @@ def test_torchrun_bad_batch_size_stops_every_rank_with_one_line(tmp_path):
     assert "error: --batch-size 2856 gives a training batch of 1 item(s), fewer than the 2 processes" in proc.stderr, \
         proc.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_rng_states_of_every_rank_reads_the_generator_asked_for():
+    """Without a process group: [this process's state], of the CPU generator or of the one named (MetaXL on a GPU
+    passes torch.cuda.get_rng_state)."""
+    torch.manual_seed(3)
+    (state,) = rng_states_of_every_rank()
+    assert torch.equal(state, torch.get_rng_state())
+    assert [s.tolist() for s in rng_states_of_every_rank(lambda: torch.tensor([7, 8]))] == [[7, 8]]
