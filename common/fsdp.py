@@ -34,9 +34,10 @@ reduce-scatter delivers it, then drops it: the whole sharded gradient, |θ|/N, i
 one parameter's noise at a time (its shard, hashed in chunks of 2^18 elements); K·|λ| for the
 candidates' gradients into λ; one loss graph at a time; the parameters FSDP gathers for the
 block that is running, and their unsharded gradients during the backward; a copy of the
-model's buffers. Against a plain sharded training iteration, which holds the whole sharded
-gradient at the end of its backward, the extra is the saved shard less that gradient: about
-nothing.
+model's buffers. Against a plain sharded training iteration the extra is the saved shard, held
+at the start of the validation backward beside its forward's activations (plain training holds
+its whole sharded gradient only at the end of its backward): measured 1.09-1.11× of a plain
+sharded iteration's peak per rank on ResNet-32 (docs/multi_device.md).
 
 BatchNorm: the passes run the module's own forward, so in training mode each normalises with its
 rank's batch statistics (as FSDP training does; the sharded hypergradient then legitimately
