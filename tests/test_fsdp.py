@@ -13,10 +13,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  imported before any group: see close_data_parallel
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from common.distributed import close_data_parallel
 from common.estimators import finite_difference_hypergrad
 from common.evograd import evograd_hypergrad_low_memory, functional_forward
 from common.fsdp import (FSDP_ESTIMATORS, IndexedNoise, check_fsdp_estimator, element_noise, hashed_bits,
@@ -337,7 +339,7 @@ def worker(rank: int, port: int) -> None:
         with pytest.raises(ValueError, match="parameter 'block1.weight' is not sharded by fully_shard"):
             sharded_evograd_hypergrad(model, [lam], *losses_of("loss", lam, lambda x: model(x), rank))
     finally:
-        dist.destroy_process_group()
+        close_data_parallel()  # the group's gloo threads end here, not at interpreter exit
 
 
 def check_noise_of_uneven_shards(rank: int) -> None:

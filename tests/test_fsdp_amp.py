@@ -14,10 +14,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  imported before any group: see close_data_parallel
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from common.distributed import close_data_parallel
 from common.fsdp import local_shard, shard_model, sharded_evograd_hypergrad
 from common.precision import Precision, backward, optimizer_step, unscale_gradients
 from test_distributed import free_port
@@ -58,7 +60,7 @@ def scaler_worker(rank: int, port: int) -> None:
                 sizes = [local_shard(p)[0].numel() for p in model.parameters()]
                 assert all(m == (n > 0) for m, n in zip(moved, sizes)) and precision.scaler.get_scale() == scale
     finally:
-        dist.destroy_process_group()
+        close_data_parallel()  # the group's gloo threads end here, not at interpreter exit
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
