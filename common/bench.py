@@ -368,7 +368,9 @@ def format_table(rows: list[dict], reference: str) -> str:
         else:  # --no-time: each method's own memory process, not interleaved
             solo, ref_solo = r.get("solo_time_s"), (ref or {}).get("solo_time_s")
             t_ratio = solo / ref_solo if solo is not None and ref_solo else None
-            timing = "not timed" if solo is None else f"{solo:.4g} (alone)"
+            timing = (f"{solo:.4g} (alone)" if solo is not None else
+                      "refused (the reason is in the file)" if _refused(r.get("error")) else
+                      "failed (the error is in the file)" if r.get("error") else "not timed")
         m_ratio = r[key] / ref[key] if ref and r.get(key) is not None and ref.get(key) else None
         lines.append(f"| {r['method']} | {timing} | {_fmt(t_ratio)} | {_fmt(r.get('peak_mem_mb'), 4)} | "
                      + (f"{_fmt(r.get('peak_model_mb'), 4)} | " if model else "")

@@ -256,6 +256,7 @@ def test_sharded_rows_are_set_against_plain_sharded_training(tmp_path):
     # the main table's memory ratio is of the model's own peak when the rows give it
     assert "peak MB (model and step)" in main.header
     assert {row[0]: row[main.header.index("memory ratio")] for row in main.rows}["mwn_evograd, sharded"] == "0.525"
+    assert {row[0]: row[1] for row in main.rows}["mwn_second_order, sharded"] == "refused (the reason is in the file)"
     assert target.header[2] == "ratio to `baseline, sharded`"
     assert [(row[0], row[2], row[4]) for row in target.rows] == [
         ("baseline, sharded", "1", "1"), ("mwn_evograd, sharded", "1.05", "3"), ("mwn_second_order", "2", "2")]
