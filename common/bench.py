@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from common import distributed
+from common.memory_model import SHARDED
 from common.precision import Precision, add_amp_arg
 from common.profiling import EfficiencyMeter, current_rss_mb, peak_rss_mb
 from common.results import atomic_write_json, env_info
@@ -162,7 +163,7 @@ def memory_worker(name: str, config: dict, method: str, device: torch.device, wa
     total = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb())
     # solo_time_s: the measured steps of this process alone (not interleaved with other methods)
     return {"peak_mem_mb": meter.peak_mem_mb(), "peak_total_mb": total, "solo_time_s": meter.summary()["meta_step_s"],
-            "cpu_malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_") if device.type == "cpu" else None}
+            "cpu_malloc_mmap_threshold": malloc_mmap_threshold(device)}
 
 
 def measure_memory(name: str, config: dict, method: str, device: torch.device, warmup: int, steps: int,
@@ -221,10 +222,16 @@ def _data_parallel_steps(name: str, config: dict, method: str, device: torch.dev
             "peak_mem_mb_per_rank": [r["peak_mem_mb"] for r in ranks],
             "peak_total_mb_per_rank": [r["peak_total_mb"] for r in ranks],
             "peak_model_mb_per_rank": [r["peak_model_mb"] for r in ranks],
-            "cpu_malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_") if device.type == "cpu" else None}
+            "cpu_malloc_mmap_threshold": malloc_mmap_threshold(device)}
 
 
 CPU_MMAP_THRESHOLD = 131072  # bytes: glibc's initial threshold, here fixed
+MMAP_THRESHOLD_VAR = "MALLOC_MMAP_THRESHOLD_"
+
+
+def malloc_mmap_threshold(device: torch.device) -> str | None:
+    """The glibc threshold this CPU worker ran under (``worker_env``), recorded in its row; None on CUDA."""
+    return os.environ.get(MMAP_THRESHOLD_VAR) if device.type == "cpu" else None
 
 
 def worker_env(device: torch.device) -> dict[str, str]:
@@ -234,7 +241,7 @@ def worker_env(device: torch.device) -> dict[str, str]:
     read more of the allocator's history than of the tensors alive). A value already set is kept."""
     env = dict(os.environ)
     if device.type == "cpu":
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(CPU_MMAP_THRESHOLD))
+        env.setdefault(MMAP_THRESHOLD_VAR, str(CPU_MMAP_THRESHOLD))
     return env
 
 
@@ -251,10 +258,11 @@ def measure_data_parallel(name: str, config: dict, method: str, nproc: int, devi
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "common.bench", "--dp-worker", name, json.dumps(config), method,
            "--device", device.type, "--warmup", str(warmup), "--reps", str(reps), "--amp", amp]
-    row, first_error = _launch(cmd, worker_env(device))
+    env = worker_env(device)
+    row, first_error = _launch(cmd, env)
     if row is not None or _refused(first_error):
         return row or {"processes": nproc, "time_s": None, "error": first_error}
-    row, error = _launch(cmd, worker_env(device))
+    row, error = _launch(cmd, env)
     if row is not None:
         return {**row, "retried_after": first_error}
     return {"processes": nproc, "time_s": None, "error": error, "retried_after": first_error}
@@ -327,7 +335,7 @@ def _data_parallel_row(name: str, config: dict, method: str, nproc: int, device:
     for key in ("peak_mem_mb", "peak_total_mb", "peak_model_mb"):
         per_rank = [x for x in row.get(f"{key}_per_rank", []) if x is not None]
         row[key] = max(per_rank) if per_rank else None
-    return {"benchmark": name, "config": config, "method": f"{method}, sharded" if sharded else method,
+    return {"benchmark": name, "config": config, "method": method + SHARDED if sharded else method,
             "sharded": sharded, "device": str(device), "reps": reps, "amp": amp, **row}
 
 

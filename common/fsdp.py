@@ -408,10 +408,15 @@ def _backward(model: nn.Module, loss: Tensor, theta: dict[str, Tensor],
     _reshard(model)
     theta_grads = [torch.zeros_like(local) if p.grad is None else local_shard(p.grad)[0]
                    for p, local in zip(theta.values(), _locals(theta))]
+    return theta_grads, _take_hyper_grads(theta, hyperparams)
+
+
+def _take_hyper_grads(theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -> list[Tensor]:
+    """λ's ``.grad`` after a backward (zeros where none), then every ``.grad`` of θ and λ cleared."""
     hyper_grads = [torch.zeros_like(h) if h.grad is None else h.grad for h in hyperparams]
     for t in [*theta.values(), *hyperparams]:
         t.grad = None
-    return theta_grads, hyper_grads
+    return hyper_grads
 
 
 def _shift_by_noise(theta: dict[str, Tensor], noise: IndexedNoise, like: Sequence[Tensor],
@@ -452,11 +457,9 @@ def _backward_noise_dots(model: nn.Module, loss: Tensor, theta: dict[str, Tensor
         for handle in handles:
             handle.remove()
     _reshard(model)
-    direct = [torch.zeros_like(h) if h.grad is None else h.grad for h in hyperparams]
-    for t in [*theta.values(), *hyperparams]:
-        t.grad = None
     zero = torch.zeros(len(noise), dtype=torch.float64, device=like[0].device)
-    return sum_over_ranks(sum((zero if d is None else d for d in per_tensor), zero)), direct
+    dots = sum_over_ranks(sum((zero if d is None else d for d in per_tensor), zero))
+    return dots, _take_hyper_grads(theta, hyperparams)
 
 
 def _mean_over_ranks_flat(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -65,7 +65,7 @@ def largest_model(alpha: float, memory_bytes: float, devices: int, sharded: bool
     return memory_bytes * (devices if sharded else 1) / alpha
 
 
-SHARDED = ", sharded"  # common.bench's label of a sharded row
+SHARDED = ", sharded"  # the suffix of a sharded row's method label (common.bench writes it, common.report reads it)
 
 
 def capacity_table(alphas: Mapping[str, float], methods: Sequence[str],

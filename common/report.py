@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.memory_model import SHARDED
 from common.results import check_writable_dir, load_results, skipped_markdown
 from common.runtime import CLIError, run_cli
 
@@ -453,7 +454,7 @@ def bench_tables(bench_json: Path) -> list[Table]:
                 + (f", load average {load} when it ended" if load is not None else "")
                 + f"; command: `{env.get('command') or 'python -m common.bench'}`.")
         tables.append(Table(f"{name}", _split_row(lines[0]), [_split_row(line) for line in lines[2:]], [note], level=4))
-        plain = f"{registry[name].plain}, sharded" if name in registry and registry[name].plain else None
+        plain = registry[name].plain + SHARDED if name in registry and registry[name].plain else None
         yardstick = next((r for r in rows if r["method"] == plain and r.get("peak_model_mb")), None)
         if yardstick is not None:
             tables.append(sharded_memory_table(name, config, rows, yardstick))
@@ -596,7 +597,7 @@ def render_block(args: str, root: Path = REPO_ROOT, link_prefix: str = "") -> st
     if kind == "bench" and rest:
         return "\n\n".join(t.markdown() for t in bench_tables(root / rest[0]))
     if kind == "capacity" and len(rest) >= 3:  # METHOD+sharded names the sharded row "METHOD, sharded"
-        from common.memory_model import SHARDED, capacity_of_file
+        from common.memory_model import capacity_of_file
         return capacity_of_file(root / rest[0], rest[1], [m.replace("+sharded", SHARDED) for m in rest[2:]])
     raise CLIError(f"unknown generated block '<!-- report: {args} -->'; kinds: headline DIR..., paper EXP DIR..., "
                    "efficiency EXP DIR..., study JSON [PROBLEM...], bench JSON, capacity JSON BENCHMARK METHOD...")
