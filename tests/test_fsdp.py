@@ -657,7 +657,7 @@ def teardown_worker(rank: int, port: int) -> None:
     """As a torchrun worker: a sharded model trained in ``process_group``; once it is left, no gloo thread runs."""
     from common.distributed import process_group
 
-    def gloo_threads() -> list[str]:
+    def gloo_threads() -> list[str]:  # Linux lists this process's threads, each with its name, in /proc/self/task
         names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
         return [name for name in names if "gloo" in name]
 
