@@ -6,8 +6,8 @@ parameters θ are split over N ranks (each rank holds the rows [a_r, b_r) of eve
 without ever holding a whole copy of θ. One meta step, with λ the hyperparameters:
 
     ε_k = σ·s_k,   s_k[p, i] = ±1 (or N(0, 1)) from a hash of (seed_k, name of p, global index i)
-    ℓ_k(λ) = L_train(θ + ε_k, λ)                    each rank perturbs its own shard in place
-    w = softmax(−ℓ/τ),   θ* = θ + Σ_k w_k ε_k        in place again
+    ℓ_k(λ) = L_train(θ + ε_k, λ)                    θ + ε_k made in FSDP's all-gather buffer
+    w = softmax(−ℓ/τ),   θ* = θ + Σ_k w_k ε_k        the same way
     g = ∇_θ L_val(θ*)  (sharded, from FSDP's reduce-scatter),   d_k = ⟨ε_k, g⟩ = Σ_r ⟨ε_k, g⟩_shard r
     dL_val(θ*)/dλ = Σ_k (∂L_val/∂ℓ_k) ∂ℓ_k/∂λ + ∂L_val/∂λ,
     ∂L_val/∂ℓ_k = −(w_k/τ)(d_k − Σ_j w_j d_j)       (the Jacobian of softmax(−ℓ/τ))
@@ -27,17 +27,29 @@ forward on this rank's data) and return l_r. λ is replicated (a tensor of the c
 parameters of a submodule left out of sharding with ``shard_model(..., ignored_params=...)``); its
 gradient is averaged over ranks, identical on every rank.
 
+How a pass sees θ + δ without θ being written (``_Perturbation``). FSDP2 gathers a block's
+parameters by copying each rank's shards into one flat buffer and all-gathering it. The meta step
+replaces that all-gather (``FSDPModule.set_custom_all_gather``) by one that first adds δ to this
+rank's part of the buffer, one parameter's δ at a time: every parameter gathered for a forward or
+a backward is then θ + δ, while the shard itself is never written, so nothing has to be saved or
+restored and θ comes out of the meta step bit for bit as it went in. (θ ← (θ + ε) − ε would not do:
+floating-point addition rounds, so it differs from θ in the last bits wherever θ and ε differ in
+exponent, e.g. θ = 1e-5, ε = 1e-3 in float32 loses about 7 of θ's 24 bits.) A backward gathers a
+block again, so δ is computed again there. FSDP2 keeps the root module's parameters gathered after
+a forward (it expects a backward next), so every change of δ first reshards the whole model: no
+pass runs on values gathered for the one before. FSDP's own all-gather is put back when the step ends.
+Without a collective (a plain module under no process group, or a mesh of one rank, where FSDP
+copies the shard without an all-gather) θ is shifted in place and restored from a copy instead.
+
 Memory per rank (|θ| parameter elements, N ranks, K candidates, |λ| hyperparameter elements):
-one copy of the rank's shard (|θ|/N, for the exact restore); of the validation backward's
-gradient, one FSDP group's shards at a time (a hook dots each shard with ε_k as the
-reduce-scatter delivers it, then drops it: the whole sharded gradient, |θ|/N, is never held);
-one parameter's noise at a time (its shard, hashed in chunks of 2^18 elements); K·|λ| for the
-candidates' gradients into λ; one loss graph at a time; the parameters FSDP gathers for the
-block that is running, and their unsharded gradients during the backward; a copy of the
-model's buffers. Against a plain sharded training iteration the extra is the saved shard, held
-at the start of the validation backward beside its forward's activations (plain training holds
-its whole sharded gradient only at the end of its backward): measured 1.09-1.11× of a plain
-sharded iteration's peak per rank on ResNet-32 (docs/multi_device.md).
+no copy of θ's shard; of the validation backward's gradient, one FSDP group's shards at a time (a
+hook dots each shard with ε_k as the reduce-scatter delivers it, then drops it: the whole sharded
+gradient, |θ|/N, is never held); one parameter's noise at a time (its shard, hashed in chunks of
+2^18 elements), at each gather and at each dot; K·|λ| for the candidates' gradients into λ; one
+loss graph at a time; the parameters FSDP gathers for the block that is running, and their
+unsharded gradients during the backward; a copy of the model's buffers. That is less than a plain
+sharded training iteration holds at its peak (its whole sharded gradient at the end of its
+backward): measured 0.98× of it per rank on ResNet-32 (docs/multi_device.md).
 
 BatchNorm: the passes run the module's own forward, so in training mode each normalises with its
 rank's batch statistics (as FSDP training does; the sharded hypergradient then legitimately
@@ -46,18 +58,9 @@ are restored after the meta step, as ``functional_forward`` leaves them unchange
 all-gathers and reduce-scatter: one broadcast of K seeds, all-reduces of the K losses, of the K
 dot products d_k, of the validation loss and of λ's gradient (|λ| numbers): nothing of θ's size.
 
-Why a saved copy and not θ ← (θ + ε) − ε: floating-point addition rounds, so (θ + ε) − ε differs
-from θ in the last bits wherever θ and ε differ in exponent (e.g. θ = 1e-5, ε = 1e-3 in float32
-loses about 7 of θ's 24 bits); K candidates and the merge would make θ drift every meta step.
-
-FSDP2 keeps the root module's parameters gathered after a forward (it expects a backward next);
-a forward without a backward would then leave them gathered, and the next forward would run on
-the gathered values, not on the shard just perturbed. Every forward here is followed by
-``reshard``.
-
 The finite-difference and SAMA estimators (``common.estimators``, ``common.implicit``) use the same
-pattern for their steps θ ± εv: v is sharded like θ, the shard is perturbed in place and restored
-from the saved copy. The estimators that backpropagate through a backward pass (second_order,
+pattern for their steps θ − ηg and θ ± εv: g and v are sharded like θ, and the step is added in the
+all-gather buffer. The estimators that backpropagate through a backward pass (second_order,
 unrolled, multistep, cg, neumann) are refused (``check_fsdp_estimator``).
 
 Checkpoints (``save_sharded_checkpoint``, ``load_sharded_checkpoint``): every rank writes and reads
@@ -329,52 +332,143 @@ def _locals(theta: dict[str, Tensor]) -> list[Tensor]:
     return [local_shard(p)[0] for p in theta.values()]
 
 
+# add_step(j, target): target += δ_j in place, target shaped like θ_j's shard on this rank
+AddStep = Callable[[int, Tensor], None]
+
+
+class _GatherWithStep:
+    """FSDP2's all-gather of one parameter group, with δ added to this rank's part of the buffer first.
+
+    FSDP copies every shard of the group into one flat buffer (``padded`` elements per parameter,
+    the shard's own ``len(shape)`` rows first, padding after) and gathers it; adding δ there makes
+    every gathered parameter θ + δ while the shard itself stays θ. Implements FSDP2's ``AllGather``
+    comm interface (``FSDPModule.set_custom_all_gather``) around the comm it replaces.
+    """
+
+    def __init__(self, perturbation: _Perturbation, slots: list[tuple[int | None, int, torch.Size]],
+                 dtype: torch.dtype, inner) -> None:
+        self.perturbation, self.slots, self.dtype, self.inner = perturbation, slots, dtype, inner
+        self.numel = sum(padded for _, padded, _ in slots)
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group, async_op: bool = False):
+        add_step = self.perturbation.add_step
+        if add_step is not None:
+            if input_tensor.numel() != self.numel or input_tensor.dtype != self.dtype:
+                raise RuntimeError(f"FSDP's all-gather buffer ({input_tensor.numel()} {input_tensor.dtype}) is not "
+                                   f"the group's shards ({self.numel} {self.dtype}): this torch's FSDP2 lays it out "
+                                   "otherwise than common.fsdp expects")
+            with torch.no_grad():
+                start = 0
+                for j, padded, shape in self.slots:
+                    if j is not None:
+                        add_step(j, input_tensor[start:start + shape.numel()].view(shape))
+                    start += padded
+        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+
+
+class _Perturbation:
+    """Lets a meta step's passes run at θ + δ without writing θ where FSDP gathers it.
+
+    ``set(add_step)`` makes every following forward and backward see θ + δ (δ from ``add_step``,
+    one tensor's part at a time); ``set(None)``, θ again. A parameter sharded over more than one
+    rank gets δ in FSDP's all-gather buffer (``_GatherWithStep``): its shard is never written, so
+    nothing has to be saved to restore it bit for bit, and δ is computed again at each gather (the
+    backward gathers a block again). Any other parameter of θ (a plain module, a mesh of one rank,
+    where FSDP gathers nothing) is shifted in place and restored from a copy made here.
+    """
+
+    def __init__(self, model: nn.Module, theta: dict[str, Tensor]) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        self.model, self.add_step = model, None
+        self.shards = _locals(theta)  # views of this rank's shards (shapes and offsets for the steps)
+        index = {id(p): j for j, p in enumerate(theta.values())}
+        gathered, self.replaced = set(), []
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                params = [fp.sharded_param for fp in group.fsdp_params]
+                if not params or params[0].device_mesh.size() == 1:
+                    continue  # FSDP copies a one-rank shard without a collective: shifted in place below
+                dtypes = {p.dtype for p in params}
+                if len(dtypes) != 1 or any(fp.mp_policy.param_dtype not in (None, p.dtype) for fp, p in
+                                           zip(group.fsdp_params, params)):
+                    raise ValueError("a sharded hypergradient needs every FSDP group's parameters in one dtype and "
+                                     "gathered in it (no MixedPrecisionPolicy param_dtype); for mixed precision "
+                                     "use autocast (common.precision, --amp)")
+                if any(hasattr(p.to_local(), "fsdp_pre_all_gather") for p in params):
+                    raise ValueError("a sharded hypergradient cannot perturb parameters with an FSDP2 all-gather "
+                                     "extension (fsdp_pre_all_gather)")
+                slots = [(index.get(id(p)), fp.padded_sharded_param_size.numel(), torch.Size(fp.sharded_size))
+                         for fp, p in zip(group.fsdp_params, params)]
+                gathered.update(j for j, _, _ in slots if j is not None)
+                self.replaced.append((group, group._all_gather_comm))
+                module.set_custom_all_gather(_GatherWithStep(self, slots, dtypes.pop(), group._all_gather_comm))
+        self.in_place = {j: self.shards[j].clone() for j in range(len(theta)) if j not in gathered}
+
+    def set(self, add_step: AddStep | None) -> None:
+        """From now on the passes see θ + δ (``add_step``) or, for None, θ."""
+        _reshard(self.model)  # nothing gathered at the previous θ + δ may serve the next pass
+        with torch.no_grad():
+            for j, copy in self.in_place.items():
+                self.shards[j].copy_(copy)
+                if add_step is not None:
+                    add_step(j, self.shards[j])
+        self.add_step = add_step
+        # a caller's torch.autocast weight cache would serve the old values to the next pass
+        # (common.precision's autocast keeps none)
+        torch.clear_autocast_cache()
+
+    def close(self) -> None:
+        """θ again, and FSDP's own all-gathers back."""
+        try:
+            self.set(None)
+        finally:
+            for group, comm in self.replaced:
+                group._all_gather_comm = comm
+
+
+def _noise_step(noise: IndexedNoise, terms: Sequence[tuple[int, Tensor | None]]) -> AddStep:
+    """δ = Σ_(k, c) c·ε_k (c None: 1), added term by term: one tensor's noise in memory at a time."""
+    def add(j: int, target: Tensor) -> None:
+        for k, scale in terms:
+            step = noise.sample_one(k, j, target)
+            target.add_(step if scale is None else step.mul_(scale.to(step.dtype)))
+    return add
+
+
+def _tensor_step(steps: Sequence[Tensor]) -> AddStep:
+    """δ_j = steps[j] (shaped like θ_j's shard)."""
+    return lambda j, target: target.add_(steps[j])
+
+
 @contextlib.contextmanager
-def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -> Iterator[list[Tensor]]:
-    """Yields a copy of θ's shards; on exit θ, the ``.grad`` of θ and λ and the model's buffers are restored.
+def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -> Iterator[_Perturbation]:
+    """Yields the step's ``_Perturbation``; on exit θ, the ``.grad`` of θ and λ and the buffers are as before.
 
     Inside, ``.grad`` of θ and λ starts as None, so each backward's gradients can be read alone.
-    The buffers (BatchNorm's running statistics; small, and not sharded by FSDP) are copied too:
-    the passes here run the module's own forward, which in training mode would update them once
-    per pass, where ``functional_forward`` in the unsharded estimators leaves them unchanged.
+    The buffers (BatchNorm's running statistics; small, and not sharded by FSDP) are copied: the
+    passes here run the module's own forward, which in training mode would update them once per
+    pass, where ``functional_forward`` in the unsharded estimators leaves them unchanged.
     """
-    saved = [t.clone() for t in _locals(theta)]
     buffers = [(b, b.clone()) for b in model.buffers()]
     grads = [(t, t.grad) for t in [*theta.values(), *hyperparams]]
     for t, _ in grads:
         t.grad = None
+    perturbation = _Perturbation(model, theta)
     try:
-        yield saved
+        yield perturbation
     finally:
-        _reshard(model)
-        _restore(theta, saved)
+        perturbation.close()
         with torch.no_grad():
             for buffer, copy in buffers:
                 buffer.copy_(copy)
         for t, grad in grads:
             t.grad = grad
-
-
-def _restore(theta: dict[str, Tensor], saved: Sequence[Tensor]) -> None:
-    with torch.no_grad():
-        for local, copy in zip(_locals(theta), saved):
-            local.copy_(copy)
-    _changed_in_place()
-
-
-def _shift(theta: dict[str, Tensor], steps: Sequence[Tensor]) -> None:
-    """θ_shard += step, in place (one step per tensor, shaped like the shard)."""
-    with torch.no_grad():
-        for local, step in zip(_locals(theta), steps):
-            local.add_(step)
-    _changed_in_place()
-
-
-def _changed_in_place() -> None:
-    """θ's shards were written in place: drop a caller's ``torch.autocast`` cast copies of them (its
-    weight cache, on by default, would serve the old values to the next pass; ``common.precision``'s
-    autocast keeps none)."""
-    torch.clear_autocast_cache()
 
 
 @contextlib.contextmanager
@@ -417,17 +511,6 @@ def _take_hyper_grads(theta: dict[str, Tensor], hyperparams: Sequence[Tensor]) -
     for t in [*theta.values(), *hyperparams]:
         t.grad = None
     return hyper_grads
-
-
-def _shift_by_noise(theta: dict[str, Tensor], noise: IndexedNoise, like: Sequence[Tensor],
-                    terms: Sequence[tuple[int, Tensor | None]]) -> None:
-    """θ_shard += Σ_(k, c) c·ε_k (c None: 1), in place, one tensor's noise in memory at a time."""
-    with torch.no_grad():
-        for j, (local, ref) in enumerate(zip(_locals(theta), like)):
-            for k, scale in terms:
-                step = noise.sample_one(k, j, ref)
-                local.add_(step if scale is None else step.mul_(scale.to(step.dtype)))
-    _changed_in_place()
 
 
 def _backward_noise_dots(model: nn.Module, loss: Tensor, theta: dict[str, Tensor], hyperparams: Sequence[Tensor],
@@ -521,28 +604,26 @@ def sharded_evograd_hypergrad(
     _, noise_spec = _prepare({n: s for n, (s, _) in zip(theta, shards)}, n_candidates, sigma, temperature,
                              noise, generator, noise_addressing="index", offsets=[o for _, o in shards])
     del shards
-    with _meta_step(model, theta, hyperparams) as saved:
+    with _meta_step(model, theta, hyperparams) as perturbation:
         local_losses, loss_grads = [], []  # loss_grads[k][i] = ∂l_{r,k}/∂λ_i, this rank's
         with frozen(theta.values()):
             for k in range(n_candidates):
-                _shift_by_noise(theta, noise_spec, saved, [(k, None)])
+                perturbation.set(_noise_step(noise_spec, [(k, None)]))  # the passes see θ + ε_k
                 with full_precision(candidates_in_float32):
                     loss = scalar_loss(train_loss_fn(), f"train_loss_fn (candidate {k})")
                 with full_precision():
                     loss_grads.append(_grads_into(loss, hyperparams))
                 local_losses.append(loss.detach())
                 del loss
-                _reshard(model)
-                _restore(theta, saved)
         losses = mean_over_ranks(torch.stack(local_losses))  # ℓ_k, one all-reduce of K
         weights = candidate_weights(losses, temperature)
 
         # θ* = θ + Σ_k w_k ε_k, in _MergeCandidates' order of operations (per element: + w_1 ε_1, + w_2 ε_2...)
-        _shift_by_noise(theta, noise_spec, saved, list(enumerate(weights)))
+        perturbation.set(_noise_step(noise_spec, list(enumerate(weights))))
         val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
         # d_k = ⟨∇_θ* L_val, ε_k⟩ summed over ranks (K numbers, not |θ|), each shard's gradient read and freed
         # as FSDP's reduce-scatter delivers it
-        dots, direct = _backward_noise_dots(model, val_loss, theta, hyperparams, noise_spec, saved)
+        dots, direct = _backward_noise_dots(model, val_loss, theta, hyperparams, noise_spec, perturbation.shards)
         dots = dots.to(weights.dtype)
         val_mean = mean_over_ranks(val_loss.detach())
         check_finite_losses(torch.cat([losses, val_mean.reshape(1)]),
@@ -555,24 +636,23 @@ def sharded_evograd_hypergrad(
     return EvoGradOutput(val_mean, losses, weights)
 
 
-def _central_difference(model: nn.Module, theta: dict[str, Tensor], saved: Sequence[Tensor],
-                        direction: Sequence[Tensor], hyperparams: Sequence[Tensor], train_loss_fn: LocalLossFn,
-                        fd_epsilon: float, in_float32: bool) -> tuple[list[Tensor], Tensor]:
+def _central_difference(perturbation: _Perturbation, theta: dict[str, Tensor], direction: Sequence[Tensor],
+                        hyperparams: Sequence[Tensor], train_loss_fn: LocalLossFn, fd_epsilon: float,
+                        in_float32: bool) -> tuple[list[Tensor], Tensor]:
     """([∇_λ l_r(θ + εu) − ∇_λ l_r(θ − εu)] / (2ε), the two local losses) with ε = fd_epsilon/‖u‖
-    (u sharded like θ); θ is perturbed in place and restored from ``saved`` after each side."""
+    (u sharded like θ); the passes see θ ± εu through ``perturbation``, one tensor's step at a time."""
     norm = torch.sqrt(_dot_over_ranks(direction, direction))
     eps = fd_epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)  # u = 0: both sides are θ, difference 0
     sides, losses = [], []
     with frozen(theta.values()):
         for sign in (1.0, -1.0):
-            _shift(theta, [(sign * eps * u).to(t.dtype) for t, u in zip(saved, direction)])
+            perturbation.set(lambda j, target, sign=sign: target.add_((sign * eps * direction[j]).to(target.dtype)))
             with full_precision(in_float32):
                 loss = scalar_loss(train_loss_fn(), "train_loss_fn (finite difference)")
                 sides.append(_grads_into(loss, hyperparams))
             losses.append(loss.detach())
             del loss
-            _reshard(model)
-            _restore(theta, saved)
+    perturbation.set(None)
     difference = [((gp - gm) / (2 * eps)) for gp, gm in zip(*sides)]
     return difference, torch.stack(losses)
 
@@ -590,9 +670,10 @@ def sharded_finite_difference_hypergrad(
         θ' = θ − η ∇_θ L_train(θ, λ),   v = ∇_θ' L_val(θ'),   ε = fd_epsilon / ‖v‖,
         dL_val(θ')/dλ ≈ ∂L_val/∂λ − η [∇_λ L_train(θ + εv) − ∇_λ L_train(θ − εv)] / (2ε)
 
-    θ' and θ ± εv are made in place on each shard and undone from a saved copy of the shard; v is
-    sharded like θ; ‖v‖ is one all-reduce of a scalar. Memory per rank: 3 shard-sized tensors
-    (saved θ, v, the backward's gradient) plus FSDP's gathered block. Returns the all-rank mean
+    θ' and θ ± εv are made in FSDP's all-gather buffer (``_Perturbation``: the shards are never
+    written); v is sharded like θ; ‖v‖ is one all-reduce of a scalar. Memory per rank: 2
+    shard-sized tensors (−ηg and the validation backward's gradient, then v alone) plus FSDP's
+    gathered block. Returns the all-rank mean
     L_val(θ') (detached); θ and its ``.grad`` are left bit-identical.
 
     Raises:
@@ -602,15 +683,16 @@ def sharded_finite_difference_hypergrad(
     _check_number("fd_epsilon", fd_epsilon, strictly_positive=True)
     hyperparams = check_hyperparams(hyperparams, leaf=True)
     theta = base_params(model, hyperparams)
-    with _meta_step(model, theta, hyperparams) as saved:
+    with _meta_step(model, theta, hyperparams) as perturbation:
         train_loss = scalar_loss(train_loss_fn(), "train_loss_fn")
         train_grads, _ = _backward(model, train_loss, theta, hyperparams)
-        _shift(theta, [-(inner_lr * g) for g in train_grads])  # θ' = θ − ηg, as t − η·g unsharded
+        steps = [-(inner_lr * g) for g in train_grads]  # θ' = θ − ηg, as t − η·g unsharded
         del train_grads
+        perturbation.set(_tensor_step(steps))
         val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
         v, direct = _backward(model, val_loss, theta, hyperparams)
-        _restore(theta, saved)
-        difference, side_losses = _central_difference(model, theta, saved, v, hyperparams, train_loss_fn,
+        del steps
+        difference, side_losses = _central_difference(perturbation, theta, v, hyperparams, train_loss_fn,
                                                          fd_epsilon, in_float32=False)
         losses = mean_over_ranks(torch.cat([train_loss.detach().reshape(1), val_loss.detach().reshape(1),
                                             side_losses]))
@@ -639,9 +721,9 @@ def sharded_sama_hypergrad(
 
     P is elementwise, so each rank computes its shard of Pv from its shard of v (and, for Adam, of
     the optimiser's moments and of ∇_θ L_train, one more sharded backward). θ ± εPv are made in
-    place and undone from a saved copy of the shard. Memory per rank: 4 shard-sized tensors (saved
-    θ, v, P, Pv) plus FSDP's gathered block. Returns the all-rank mean L_val(θ) (detached); θ and
-    its ``.grad`` are left bit-identical.
+    FSDP's all-gather buffer (``_Perturbation``: the shards are never written). Memory per rank:
+    up to 3 shard-sized tensors (P, v and Pv while Pv is formed; then Pv alone) plus FSDP's gathered
+    block. Returns the all-rank mean L_val(θ) (detached); θ and its ``.grad`` are left bit-identical.
 
     Raises:
         ValueError: as ``sama_hypergrad`` (see ``optimizer_preconditioner``), or bad hyperparams.
@@ -650,7 +732,7 @@ def sharded_sama_hypergrad(
     hyperparams = check_hyperparams(hyperparams, leaf=True)
     theta = base_params(model, hyperparams)
     losses, whats = [], []
-    with _meta_step(model, theta, hyperparams) as saved:
+    with _meta_step(model, theta, hyperparams) as perturbation:
         train_grads = None
         if base_optimizer is not None and not isinstance(base_optimizer, torch.optim.SGD):
             loss = scalar_loss(train_loss_fn(), "train_loss_fn")
@@ -672,7 +754,7 @@ def sharded_sama_hypergrad(
         whats.append("val_loss_fn")
         pv = [p * g for p, g in zip(precondition, v)]
         del precondition, v
-        difference, side_losses = _central_difference(model, theta, saved, pv, hyperparams, train_loss_fn,
+        difference, side_losses = _central_difference(perturbation, theta, pv, hyperparams, train_loss_fn,
                                                          fd_epsilon, in_float32=differences_in_float32)
         losses = mean_over_ranks(torch.cat([torch.stack(losses), side_losses]))
         check_finite_losses(losses, whats + ["train_loss_fn (finite difference, +)",

@@ -333,6 +333,7 @@ def worker(rank: int, port: int) -> None:
                                 f"shards restored {restored}, whole θ unchanged {whole_unchanged}")
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_noise_of_uneven_shards(rank)
+        check_meta_steps_write_no_shard(rank)
         check_evograd_communication(rank)
         check_divergence_guard_reads_shards(rank)
         model, lam = build("loss")  # not sharded: its gradients would stay rank-local
@@ -363,6 +364,32 @@ def check_noise_of_uneven_shards(rank: int) -> None:
         if rank == 1:  # the offsets matter: rank 1's shard read from offset 0 is other noise
             at_zero = IndexedNoise([11, 12], 0.5, kind, names).sample(1, [s for s, _ in shards])
             assert not torch.equal(at_zero[names.index("block1.weight")], local[names.index("block1.weight")])
+
+
+def check_meta_steps_write_no_shard(rank: int) -> None:
+    """Sharded over 2 ranks, the passes see θ + δ through FSDP's all-gather buffer: no estimator writes a
+    shard (its version counter stays), and FSDP's own all-gather is back after the step, also after a
+    pass that raised."""
+    def all_gather_comms(model):
+        return [group._all_gather_comm for m in model.modules() if hasattr(m, "_get_fsdp_state")
+                for group in m._get_fsdp_state()._fsdp_param_groups]
+
+    for method in ("evograd", "finite_difference", "sama"):
+        model, lam = build("loss")
+        shard_model(model, [model.block1, model.block2])
+        train, val = losses_of("loss", lam, lambda x: model(x), rank)
+        shards = [local_shard(p)[0] for p in model.parameters()]
+        versions, comms = [s._version for s in shards], all_gather_comms(model)
+        SHARDED[method](model, lam, train, val, None)
+        assert [s._version for s in shards] == versions, f"{method} wrote a shard"
+        assert all(a is b for a, b in zip(all_gather_comms(model), comms)) and len(comms) == 3, method
+
+    def planted():
+        raise RuntimeError("planted")
+
+    with pytest.raises(RuntimeError, match="planted"):
+        sharded_evograd_hypergrad(model, [lam], train, planted)
+    assert all(a is b for a, b in zip(all_gather_comms(model), comms)), "the all-gather was left replaced"
 
 
 def check_evograd_communication(rank: int) -> None:
