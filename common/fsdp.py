@@ -47,9 +47,9 @@ hook dots each shard with ε_k as the reduce-scatter delivers it, then drops it:
 gradient, |θ|/N, is never held); one parameter's noise at a time (its shard, hashed in chunks of
 2^18 elements), at each gather and at each dot; K·|λ| for the candidates' gradients into λ; one
 loss graph at a time; the parameters FSDP gathers for the block that is running, and their
-unsharded gradients during the backward; a copy of the model's buffers. That is less than a plain
-sharded training iteration holds at its peak (its whole sharded gradient at the end of its
-backward): measured 0.98× of it per rank on ResNet-32 (docs/multi_device.md).
+unsharded gradients during the backward; a copy of the model's buffers. A plain sharded training
+iteration holds its whole sharded gradient at the end of its backward: measured, the EvoGrad
+iteration peaks at 0.98-1.01× of the plain one per rank on ResNet-32 (docs/multi_device.md).
 
 BatchNorm: the passes run the module's own forward, so in training mode each normalises with its
 rank's batch statistics (as FSDP training does; the sharded hypergradient then legitimately
