@@ -716,6 +716,30 @@ def test_leaving_the_process_group_ends_its_threads_after_sharding():
     mp.spawn(teardown_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
+def test_committed_sharded_benchmarks_meet_the_memory_target():
+    """In every committed sharded benchmark, the sharded EvoGrad iteration's peak per rank (model and step) is at
+    most 1.1x that of the plain sharded training iteration of the same model: a remeasurement that regresses
+    fails here before its numbers reach the docs."""
+    import json
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "runs" / "bench").glob("cpu_fsdp*.json"))
+    assert files, "no committed sharded benchmark"
+    checked = 0
+    for path in files:
+        rows = json.loads(path.read_text())["rows"]
+        for row in rows:
+            if not (row.get("sharded") and "evograd" in row["method"] and row.get("peak_model_mb")):
+                continue
+            plain = [r for r in rows if r.get("sharded") and r["config"] == row["config"]
+                     and r["method"].split(",")[0] in ("baseline", "joint_training")]
+            assert len(plain) == 1, (path.name, row["method"], row["config"])
+            ratio = row["peak_model_mb"] / plain[0]["peak_model_mb"]
+            assert ratio <= 1.1, f"{path.name} {row['config']}: {row['method']} at {ratio:.3f}x of plain sharded"
+            checked += 1
+    assert checked >= 7, checked  # MWN ResNet-32 x2, 4 ranks, ResNet-8 x2, MetaXL x3
+
+
 def test_memory_model_arithmetic(tmp_path, capsys):
     """α from two sizes (replicated: the slope; sharded: the slope × N), P_max = M·D/α sharded, M/α replicated."""
     import json
