@@ -83,6 +83,7 @@ import contextlib
 import functools
 import inspect
 import os
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -425,11 +426,17 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     """``with process_group(device) as device:`` joins the ``torchrun`` group and always leaves it.
 
     ``init_data_parallel`` on entry (yields this rank's device; outside ``torchrun`` the given one)
-    and ``close_data_parallel`` on exit, also when the body raises.
+    and ``close_data_parallel`` on exit, also when the body raises. Then the finished frames of
+    the exception's traceback are cleared first (their lines stay for the error message): their
+    locals, a sharded model among them, would keep the group and its gloo threads alive past
+    ``close_data_parallel``, to an abort at interpreter exit.
     """
     device = init_data_parallel(device)
     try:
         yield device
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)  # frames still running (this one, the caller's) are skipped
+        raise
     finally:
         close_data_parallel()
 

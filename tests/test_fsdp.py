@@ -680,20 +680,23 @@ def test_bench_metaxl_sharded_rows(monkeypatch):
         ("metaxl_evograd", StepConfig.metaxl_estimator, "shared")]
 
 
-def teardown_worker(rank: int, port: int) -> None:
-    """As a torchrun worker: a sharded model trained in ``process_group``; once it is left, no gloo thread runs."""
+def teardown_worker(rank: int, port: int, second_port: int) -> None:
+    """As a torchrun worker: a sharded model trained in ``process_group``; once it is left, no gloo thread runs,
+    also when the training raised (its traceback held the model until ``process_group`` cleared its frames)."""
     from common.distributed import process_group
 
     def gloo_threads() -> list[str]:  # Linux lists this process's threads, each with its name, in /proc/self/task
         names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
         return [name for name in names if "gloo" in name]
 
-    def train() -> None:
+    def train(fail: bool = False) -> None:
         model, lam = build("loss")
         shard_model(model, [model.block1, model.block2])
         train_loss, _ = losses_of("loss", lam, lambda x: model(x), rank)
         train_loss().backward()
         dist.all_gather_object([None] * WORLD, rank)
+        if fail:  # the traceback holds this frame, and with it the sharded model and its group
+            raise RuntimeError("planted")
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -702,6 +705,10 @@ def teardown_worker(rank: int, port: int) -> None:
         train()
         assert gloo_threads(), "the process group's gloo threads should run while it is open"
     assert not gloo_threads(), f"rank {rank}: gloo threads {gloo_threads()} outlived the process group"
+    os.environ["MASTER_PORT"] = str(second_port)
+    with pytest.raises(RuntimeError, match="planted"), process_group(torch.device("cpu")):
+        train(fail=True)
+    assert not gloo_threads(), f"rank {rank}: after an error, gloo threads {gloo_threads()} outlived the group"
 
 
 @pytest.mark.skipif(not (dist.is_available() and os.path.isdir("/proc/self/task")),
@@ -713,7 +720,7 @@ def test_leaving_the_process_group_ends_its_threads_after_sharding():
     the last collective's tensors aborted the process ("terminate called without an active exception", 6 of 21
     short sharded benchmark runs on CPU); common.distributed's init_data_parallel and close_data_parallel."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(teardown_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(teardown_worker, args=(free_port(), free_port()), nprocs=WORLD, join=True)
 
 
 def test_committed_sharded_benchmarks_meet_the_memory_target():
