@@ -387,16 +387,16 @@ class _Perturbation:
         self.shards = _locals(theta)  # views of this rank's shards (shapes and offsets for the steps)
         index = {id(p): j for j, p in enumerate(theta.values())}
         gathered, self.replaced = set(), []
-        for module in model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            for group in module._get_fsdp_state()._fsdp_param_groups:
+        groups = [(module, group) for module in model.modules() if isinstance(module, FSDPModule)
+                  for group in module._get_fsdp_state()._fsdp_param_groups]
+        try:
+            for module, group in groups:
                 params = [fp.sharded_param for fp in group.fsdp_params]
-                if not params or params[0].device_mesh.size() == 1:
-                    continue  # FSDP copies a one-rank shard without a collective: shifted in place below
+                if not any(id(p) in index for p in params) or params[0].device_mesh.size() == 1:
+                    continue  # no θ here, or a one-rank shard FSDP copies without a collective (in place below)
                 dtypes = {p.dtype for p in params}
-                if len(dtypes) != 1 or any(fp.mp_policy.param_dtype not in (None, p.dtype) for fp, p in
-                                           zip(group.fsdp_params, params)):
+                if len(dtypes) != 1 or any(fp.mp_policy.param_dtype not in (None, p.dtype)
+                                           for fp, p in zip(group.fsdp_params, params)):
                     raise ValueError("a sharded hypergradient needs every FSDP group's parameters in one dtype and "
                                      "gathered in it (no MixedPrecisionPolicy param_dtype); for mixed precision "
                                      "use autocast (common.precision, --amp)")
@@ -408,6 +408,9 @@ class _Perturbation:
                 gathered.update(j for j, _, _ in slots if j is not None)
                 self.replaced.append((group, group._all_gather_comm))
                 module.set_custom_all_gather(_GatherWithStep(self, slots, dtypes.pop(), group._all_gather_comm))
+        except BaseException:
+            self._put_back_all_gathers()
+            raise
         self.in_place = {j: self.shards[j].clone() for j in range(len(theta)) if j not in gathered}
 
     def set(self, add_step: AddStep | None) -> None:
@@ -428,8 +431,12 @@ class _Perturbation:
         try:
             self.set(None)
         finally:
-            for group, comm in self.replaced:
-                group._all_gather_comm = comm
+            self._put_back_all_gathers()
+
+    def _put_back_all_gathers(self) -> None:
+        for group, comm in self.replaced:
+            group._all_gather_comm = comm
+        self.replaced = []
 
 
 def _noise_step(noise: IndexedNoise, terms: Sequence[tuple[int, Tensor | None]]) -> AddStep:
@@ -455,11 +462,11 @@ def _meta_step(model: nn.Module, theta: dict[str, Tensor], hyperparams: Sequence
     passes here run the module's own forward, which in training mode would update them once per
     pass, where ``functional_forward`` in the unsharded estimators leaves them unchanged.
     """
+    perturbation = _Perturbation(model, theta)  # first: it may refuse the model, with nothing yet changed
     buffers = [(b, b.clone()) for b in model.buffers()]
     grads = [(t, t.grad) for t in [*theta.values(), *hyperparams]]
     for t, _ in grads:
         t.grad = None
-    perturbation = _Perturbation(model, theta)
     try:
         yield perturbation
     finally:

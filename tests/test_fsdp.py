@@ -391,6 +391,19 @@ def check_meta_steps_write_no_shard(rank: int) -> None:
         sharded_evograd_hypergrad(model, [lam], train, planted)
     assert all(a is b for a, b in zip(all_gather_comms(model), comms)), "the all-gather was left replaced"
 
+    # gathered in another dtype than the shards (FSDP's mixed precision): δ cannot be added in the buffer as
+    # the unsharded estimator adds it; refused before anything changes
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model, lam = build("loss")
+    fully_shard(model.block2, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+    shard_model(model, [model.block1])
+    train, val = losses_of("loss", lam, lambda x: model(x), rank)
+    comms = all_gather_comms(model)
+    with pytest.raises(ValueError, match="no MixedPrecisionPolicy param_dtype.*use autocast"):
+        sharded_evograd_hypergrad(model, [lam], train, val)
+    assert all(a is b for a, b in zip(all_gather_comms(model), comms)) and lam.grad is None
+
 
 def check_evograd_communication(rank: int) -> None:
     """Besides FSDP's own gathers and reduce-scatters, EvoGrad sends K seeds, K losses, K dot products,
