@@ -341,8 +341,11 @@ class _GatherWithStep:
 
     FSDP copies every shard of the group into one flat buffer (``padded`` elements per parameter,
     the shard's own ``len(shape)`` rows first, padding after) and gathers it; adding δ there makes
-    every gathered parameter θ + δ while the shard itself stays θ. Implements FSDP2's ``AllGather``
-    comm interface (``FSDPModule.set_custom_all_gather``) around the comm it replaces.
+    every gathered parameter θ + δ while the shard itself stays θ. Where FSDP gathers in another
+    dtype than the shard's (``MixedPrecisionPolicy(param_dtype=...)``: the buffer holds the shard
+    cast), the part is overwritten with θ + δ made in the shard's dtype, then cast: what FSDP would
+    gather from a shard written in place. Implements FSDP2's ``AllGather`` comm interface
+    (``FSDPModule.set_custom_all_gather``) around the comm it replaces.
     """
 
     def __init__(self, perturbation: _Perturbation, slots: list[tuple[int | None, int, torch.Size]],
@@ -364,7 +367,13 @@ class _GatherWithStep:
                 start = 0
                 for j, padded, shape in self.slots:
                     if j is not None:
-                        add_step(j, input_tensor[start:start + shape.numel()].view(shape))
+                        part, shard = input_tensor[start:start + shape.numel()].view(shape), self.perturbation.shards[j]
+                        if part.dtype == shard.dtype:
+                            add_step(j, part)
+                        else:  # one tensor's shard in its own dtype, for the time of this copy
+                            shifted = shard.clone()
+                            add_step(j, shifted)
+                            part.copy_(shifted)
                     start += padded
         return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
 
@@ -394,12 +403,13 @@ class _Perturbation:
                 params = [fp.sharded_param for fp in group.fsdp_params]
                 if not any(id(p) in index for p in params) or params[0].device_mesh.size() == 1:
                     continue  # no θ here, or a one-rank shard FSDP copies without a collective (in place below)
-                dtypes = {p.dtype for p in params}
-                if len(dtypes) != 1 or any(fp.mp_policy.param_dtype not in (None, p.dtype)
-                                           for fp, p in zip(group.fsdp_params, params)):
-                    raise ValueError("a sharded hypergradient needs every FSDP group's parameters in one dtype and "
-                                     "gathered in it (no MixedPrecisionPolicy param_dtype); for mixed precision "
-                                     "use autocast (common.precision, --amp)")
+                # the dtype FSDP gathers each parameter in (MixedPrecisionPolicy casts floating-point ones)
+                dtypes = {fp.mp_policy.param_dtype if fp.mp_policy.param_dtype and p.is_floating_point() else p.dtype
+                          for fp, p in zip(group.fsdp_params, params)}
+                if len(dtypes) != 1:
+                    raise ValueError("a sharded hypergradient needs each FSDP group's parameters gathered in one "
+                                     f"dtype, got {sorted(map(str, dtypes))}: shard parameters of other dtypes in "
+                                     "groups of their own")
                 if any(hasattr(p.to_local(), "fsdp_pre_all_gather") for p in params):
                     raise ValueError("a sharded hypergradient cannot perturb parameters with an FSDP2 all-gather "
                                      "extension (fsdp_pre_all_gather)")
@@ -408,6 +418,10 @@ class _Perturbation:
                 gathered.update(j for j, _, _ in slots if j is not None)
                 self.replaced.append((group, group._all_gather_comm))
                 module.set_custom_all_gather(_GatherWithStep(self, slots, dtypes.pop(), group._all_gather_comm))
+            if isinstance(model, FSDPModule):
+                # FSDP's lazy setup (at the first forward) reads which parameters require grad to choose the
+                # dtype gradients are cast back to; the candidate passes freeze θ, so it must not happen there
+                model._get_fsdp_state()._lazy_init()
         except BaseException:
             self._put_back_all_gathers()
             raise

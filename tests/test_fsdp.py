@@ -309,6 +309,7 @@ def worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     references = {case: reference(*case) for case in CASES}
     half_alone = {case: reference(*case, rank=rank)[0] for case in CASES}
+    mixed_precision = mixed_precision_reference()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -334,6 +335,7 @@ def worker(rank: int, port: int) -> None:
         assert not failures, f"rank {rank}:\n" + "\n".join(failures)
         check_noise_of_uneven_shards(rank)
         check_meta_steps_write_no_shard(rank)
+        check_mixed_precision_policy(rank, mixed_precision)
         check_evograd_communication(rank)
         check_divergence_guard_reads_shards(rank)
         model, lam = build("loss")  # not sharded: its gradients would stay rank-local
@@ -391,18 +393,44 @@ def check_meta_steps_write_no_shard(rank: int) -> None:
         sharded_evograd_hypergrad(model, [lam], train, planted)
     assert all(a is b for a, b in zip(all_gather_comms(model), comms)), "the all-gather was left replaced"
 
-    # gathered in another dtype than the shards (FSDP's mixed precision): δ cannot be added in the buffer as
-    # the unsharded estimator adds it; refused before anything changes
+    # one group gathering two dtypes (FSDP then gathers bytes): refused before anything changes
+    model, lam = build("loss")
+    model.block2.bias.data = model.block2.bias.data.float()
+    shard_model(model, [model.block1, model.block2])
+    train, val = losses_of("loss", lam, lambda x: model(x), rank)
+    comms = all_gather_comms(model)
+    with pytest.raises(ValueError, match=r"gathered in one dtype, got \['torch.float32', 'torch.float64'\]"):
+        sharded_evograd_hypergrad(model, [lam], train, val)
+    assert all(a is b for a, b in zip(all_gather_comms(model), comms)) and lam.grad is None
+
+
+def mixed_precision_reference() -> torch.Tensor:
+    """λ's EvoGrad hypergradient, one process, with the float64 θ + ε cast to float32 for every forward: what FSDP's
+    ``MixedPrecisionPolicy(param_dtype=torch.float32)`` computes from a float64 model's perturbed shards."""
+    model, lam = build("loss")
+    params = dict(model.named_parameters())
+    train, val = losses_of("loss", lam, lambda x, p: functional_forward(
+        model, {k: v.float() for k, v in p.items()}, x.float()), None)
+    evograd_hypergrad_low_memory(params, [lam], train, val, generator=torch.Generator().manual_seed(SEED),
+                                 noise_addressing="index", **EVOGRAD)
+    return lam.grad.detach().clone()
+
+
+def check_mixed_precision_policy(rank: int, reference_grad: torch.Tensor) -> None:
+    """Under FSDP's mixed precision the buffer holds the shard cast to float32; θ + δ is made in float64 and cast,
+    as the reference does: the same hypergradient to float32 precision (measured 2e-7 relative)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model, lam = build("loss")
-    fully_shard(model.block2, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
-    shard_model(model, [model.block1])
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
+    for module in (model.block1, model.block2, model):
+        fully_shard(module, mp_policy=policy)
     train, val = losses_of("loss", lam, lambda x: model(x), rank)
-    comms = all_gather_comms(model)
-    with pytest.raises(ValueError, match="no MixedPrecisionPolicy param_dtype.*use autocast"):
-        sharded_evograd_hypergrad(model, [lam], train, val)
-    assert all(a is b for a, b in zip(all_gather_comms(model), comms)) and lam.grad is None
+    shards = [local_shard(p)[0] for p in model.parameters()]
+    versions = [s._version for s in shards]
+    sharded_evograd_hypergrad(model, [lam], train, val, generator=torch.Generator().manual_seed(SEED), **EVOGRAD)
+    assert relative_error(lam.grad, reference_grad) < 1e-5, relative_error(lam.grad, reference_grad)
+    assert [s._version for s in shards] == versions
 
 
 def check_evograd_communication(rank: int) -> None:
