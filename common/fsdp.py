@@ -694,8 +694,8 @@ def sharded_finite_difference_hypergrad(
     θ' and θ ± εv are made in FSDP's all-gather buffer (``_Perturbation``: the shards are never
     written); v is sharded like θ; ‖v‖ is one all-reduce of a scalar. Memory per rank: 2
     shard-sized tensors (−ηg and the validation backward's gradient, then v alone) plus FSDP's
-    gathered block. Returns the all-rank mean
-    L_val(θ') (detached); θ and its ``.grad`` are left bit-identical.
+    gathered block. Returns the all-rank mean L_val(θ') (detached); θ and its ``.grad`` are left
+    bit-identical.
 
     Raises:
         ValueError: on η ≤ 0, fd_epsilon ≤ 0, bad hyperparams, a non-scalar or non-finite loss.
@@ -707,12 +707,11 @@ def sharded_finite_difference_hypergrad(
     with _meta_step(model, theta, hyperparams) as perturbation:
         train_loss = scalar_loss(train_loss_fn(), "train_loss_fn")
         train_grads, _ = _backward(model, train_loss, theta, hyperparams)
-        steps = [-(inner_lr * g) for g in train_grads]  # θ' = θ − ηg, as t − η·g unsharded
+        # θ' = θ − ηg, as t − η·g unsharded; the steps live until the next set (no other name holds them)
+        perturbation.set(_tensor_step([-(inner_lr * g) for g in train_grads]))
         del train_grads
-        perturbation.set(_tensor_step(steps))
         val_loss = scalar_loss(val_loss_fn(), "val_loss_fn")
         v, direct = _backward(model, val_loss, theta, hyperparams)
-        del steps
         difference, side_losses = _central_difference(perturbation, theta, v, hyperparams, train_loss_fn,
                                                          fd_epsilon, in_float32=False)
         losses = mean_over_ranks(torch.cat([train_loss.detach().reshape(1), val_loss.detach().reshape(1),

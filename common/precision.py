@@ -70,8 +70,8 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
 
     Autocast's cache of cast weights is off: it keeps one reduced-precision copy of each parameter
     for the whole region, and an iteration changes parameters in place inside it (λ's optimiser
-    step before the base step reads λ again; under ``--fsdp`` the meta step perturbs θ's shards in
-    place, and FSDP2 gathers them into the same parameter objects), so a cached copy would be stale.
+    step before the base step reads λ again; under ``--fsdp`` the meta step's passes gather θ + δ for
+    each δ into the same parameter objects), so a cached copy would be stale.
 
     Raises:
         ValueError: as ``check_amp``.

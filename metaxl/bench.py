@@ -19,7 +19,7 @@ not the activations, dominate the memory. A sharded config shards XLM-R as ``met
 does (one unit per transformer layer and the root; the RTN stays replicated), and, as there, only
 estimators with a sharded version run: ``metaxl`` (second order) and ``metaxl_evograd_shared``
 fail their sharded rows with the reason, ``metaxl_finite_difference``, ``metaxl_sama``,
-``metaxl_evograd`` (the head's shards perturbed, the encoder rerun per candidate) and
+``metaxl_evograd`` (the head perturbed, the encoder rerun per candidate) and
 ``joint_training`` run:
 
     python -m common.bench metaxl --config 3 4 5 --nproc 2 --fsdp --warmup 1 --reps 2 \

@@ -189,7 +189,7 @@ def metaxl_meta_step(estimator: str, model, rtn: nn.Module, source: Batch, targe
     one differentiable SGD step through ``higher``). Accumulates into the RTN's ``.grad``;
     the main model's weights and ``.grad`` are untouched. Returns L_meta at the virtual step.
     """
-    if is_sharded(model):  # --fsdp: θ's shards perturbed in place, the model's own forward (common.fsdp)
+    if is_sharded(model):  # --fsdp: θ perturbed in FSDP's all-gathers, the model's own forward (common.fsdp)
         return sharded_meta_backward(estimator, model, list(rtn.parameters()),
                                      lambda: training_loss(model, source, target, rtn, layer),
                                      lambda: tagger_loss(model, meta), inner_lr=inner_lr, **options)

@@ -1,9 +1,9 @@
 """--fsdp together with --amp (common.precision on an FSDP2-sharded model), on 2 CPU (gloo) ranks.
 
 The gradient scaler of --amp fp16 sees only this rank's shards of the gradient; its inf/NaN check
-must agree over ranks, or one rank would skip a step that another takes. And a sharded meta step
-perturbs θ's shards in place inside the iteration's autocast, so no forward may read a cast copy
-of θ made before the change.
+must agree over ranks, or one rank would skip a step that another takes. And a sharded meta step's
+passes gather θ + δ for each δ into the same parameter objects inside the iteration's autocast, so
+no forward may read a cast copy of θ made before the change.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_fp16_scaler_skips_a_step_on_every_rank_when_one_shard_is_not_finite():
 
 def test_mwn_fsdp_under_bf16_equals_the_data_parallel_run(tmp_path):
     """--fsdp --amp bf16 and the replicated 2-process --amp bf16 run, side by side: after an epoch of 3
-    finite-difference meta steps (θ's shards perturbed in place inside the iteration's autocast) the same
+    finite-difference meta steps (θ perturbed, one δ after another, inside the iteration's autocast) the same
     losses, the same ResNet (parameters and BatchNorm statistics within 1e-5) and VNets apart by less than
     1e-3 of how far they moved (float32 rounding: the reduce-scatter and the all-reduce sum in other orders).
     With autocast's weight cache on, the sharded run's forwards after a perturbation read stale copies of θ."""
